@@ -1,0 +1,182 @@
+"""The adapters folder: discovery, cards (clot.json), validation and atomic publishing.
+
+An adapter is a folder `<adapters>/<name>/` holding peft's `adapter_config.json` and
+`adapter_model.safetensors` plus our card `clot.json`. Publishing writes the whole folder under
+a hidden staging name and renames it into place, so a running demo never sees half an adapter.
+Only safetensors weights are ever loaded: pickle files are refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clot.tasks import ClotError
+
+CARD = "clot.json"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+BASE = "base"  # the name that means "no adapter"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_name(name: str) -> str:
+    """Adapter names are plain folder names: no paths, no traversal, no hidden files."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ClotError(f"Invalid adapter name {str(name)[:60]!r}: use letters, digits, '.', '_' and '-' "
+                        "(no slashes, no '..').")
+    return name
+
+
+def base_fingerprint(config: Any) -> str:
+    """Identifies a base model by the shapes an adapter depends on, whatever path it was loaded from."""
+    text = getattr(config, "text_config", config)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size")
+    shape = {"model_type": getattr(config, "model_type", "?")}
+    shape.update({k: getattr(text, k, None) for k in keys})
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: Path
+    card: dict
+
+    @property
+    def signature(self) -> str:
+        """Changes whenever the folder is re-published, so a cached copy can be refreshed."""
+        weights = self.path / WEIGHTS
+        stat = weights.stat()
+        return f"{stat.st_mtime_ns}-{stat.st_size}-{self.card.get('created', '')}"
+
+    def summary(self) -> str:
+        """One readable line: stage, round, base, date and evaluation numbers if any."""
+        card = self.card
+        parts = [f"stage {card.get('stage', '?')}"]
+        if card.get("round"):
+            parts.append(f"round {card['round']}")
+        parts.append(f"base {card.get('base_model', '?')}")
+        if card.get("created"):
+            parts.append(str(card["created"])[:16].replace("T", " "))
+        metrics = card.get("metrics") or {}
+        shown = [f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in list(metrics.items())[:4]]
+        if shown:
+            parts.append(", ".join(shown))
+        return " · ".join(parts)
+
+
+def read_card(path: Path) -> dict:
+    card_path = Path(path) / CARD
+    if not card_path.is_file():
+        raise ClotError(f"Adapter {Path(path).name!r} has no {CARD} card; it was not published by CLoT.")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ClotError(f"Adapter {Path(path).name!r} has an unreadable {CARD}: {err}.") from None
+    if not isinstance(card, dict):
+        raise ClotError(f"Adapter {Path(path).name!r} has a malformed {CARD}.")
+    return card
+
+
+def validate(path: Path, fingerprint: str | None = None) -> dict:
+    """Check an adapter folder completely before any weight is loaded; return its card."""
+    path = Path(path)
+    name = path.name
+    if not path.is_dir():
+        raise ClotError(f"Adapter {name!r} does not exist.")
+    card = read_card(path)
+    if not (path / CONFIG).is_file():
+        raise ClotError(f"Adapter {name!r} has no {CONFIG}.")
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        if pickles:
+            raise ClotError(f"Adapter {name!r} ships only pickle weights ({', '.join(pickles)}); "
+                            "only safetensors are loaded.")
+        raise ClotError(f"Adapter {name!r} has no {WEIGHTS}.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            keys = list(f.keys())
+            for key in keys:  # reading every tensor catches a truncated file
+                f.get_slice(key)[:]
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise ClotError(f"Adapter {name!r} has damaged weights ({type(err).__name__}): publish it again.") from None
+    if not keys:
+        raise ClotError(f"Adapter {name!r} has empty weights.")
+    if fingerprint is not None and card.get("base_fingerprint") != fingerprint:
+        raise ClotError(f"Adapter {name!r} was trained for base model {card.get('base_model', '?')!r}, "
+                        "which does not match the loaded base model; choose an adapter made for this base.")
+    return card
+
+
+def discover(folder: str | Path) -> list[AdapterInfo]:
+    """Every published adapter in the folder (hidden staging folders and broken cards are skipped)."""
+    folder = Path(folder)
+    found = []
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_dir() or not _NAME.match(path.name):
+            continue
+        if not ((path / WEIGHTS).is_file() and (path / CONFIG).is_file()):
+            continue
+        try:
+            found.append(AdapterInfo(path.name, path, read_card(path)))
+        except ClotError:
+            continue
+    return found
+
+
+def make_card(*, base_model: str, fingerprint: str, stage: int, round: int = 0, **extra: Any) -> dict:
+    card = {"base_model": base_model, "base_fingerprint": fingerprint, "stage": stage, "round": round,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    card.update(extra)
+    return card
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def publish(source: str | Path, folder: str | Path, name: str, card: dict) -> Path:
+    """Copy an adapter (peft save_pretrained output) into `folder/name` with its card, atomically."""
+    check_name(name)
+    source, folder = Path(source), Path(folder)
+    if not (source / WEIGHTS).is_file() or not (source / CONFIG).is_file():
+        raise ClotError(f"{source} is not a saved adapter (needs {WEIGHTS} and {CONFIG}).")
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=folder))
+    for item in source.iterdir():
+        if item.is_file() and item.suffix not in (".bin", ".pt", ".pth", ".pkl"):
+            shutil.copy2(item, staging / item.name)
+    write_json_atomic(staging / CARD, card)
+    for item in staging.iterdir():  # make sure the bytes are on disk before the rename publishes them
+        with open(item, "rb") as f:
+            os.fsync(f.fileno())
+    target = folder / name
+    retired = None
+    if target.exists():
+        retired = folder / f".{name}.retired-{os.getpid()}-{dt.datetime.now().timestamp():.0f}"
+        os.replace(target, retired)
+    os.replace(staging, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+    return target

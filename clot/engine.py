@@ -1,0 +1,410 @@
+"""The inference engine: one base model, switchable LoRA adapters, batched sampling, option scoring, CLoT.
+
+Everything that runs the model goes through here: the demo, stage-2 exploration and evaluation.
+
+    from clot.engine import Engine
+    from clot.tasks import Request
+    engine = Engine.load("Qwen/Qwen2.5-VL-3B-Instruct", adapters_dir="adapters")
+    candidates = engine.generate(Request(task="T2T", text="Why was the cat late?", num_candidates=4))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from clot import adapters as registry
+from clot import prompts
+from clot.nouns import draw_conditions, load_nouns
+from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ClotError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ClotError("Device cuda was asked for, but no CUDA GPU is visible; use --device cpu.")
+    return chosen
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU supports it, fp16 on older GPUs and Apple silicon, fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def prepare_image(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation and flatten to RGB (alpha over white), whatever the mode."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGB", image.size, "white")
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+@dataclass
+class Turn:
+    """One model input: a template's user text in a language, an optional image, and an
+    optional start of the assistant's reply (used when scoring option letters)."""
+
+    text: str
+    lang: Language
+    image: Image.Image | None = None
+    answer_prefix: str = ""
+
+    def conversation(self) -> list[dict]:
+        conversation = prompts.messages(self.text, self.lang, has_image=self.image is not None)
+        if self.image is not None:
+            conversation[1]["content"][0]["image"] = self.image
+        if self.answer_prefix:
+            conversation.append({"role": "assistant", "content": [{"type": "text", "text": self.answer_prefix}]})
+        return conversation
+
+
+@dataclass
+class Choice:
+    """A selection (pick the funniest) or ranking question over lettered options."""
+
+    kind: str  # "select" or "rank"
+    task: Task
+    lang: Language
+    options: list[str]
+    image: Image.Image | None = None
+    question: str = ""
+    num_correct: int = 1
+    wording: int = 0
+
+    def prompt(self) -> str:
+        if self.kind == "rank":
+            return prompts.ranking_prompt(self.task, self.lang, self.options, self.question, self.wording)
+        if self.kind == "select":
+            return prompts.selection_prompt(self.task, self.lang, self.options, self.num_correct,
+                                            self.question, self.wording)
+        raise ClotError(f"Unknown question kind {self.kind!r}: use select or rank.")
+
+    @property
+    def answer_start(self) -> str:
+        """What the answer says before the first option letter."""
+        return prompts.RANK_PREFIX if self.kind == "rank" else ""
+
+
+@dataclass
+class ClotResult:
+    """CLoT inference: every candidate with its scores, and the index of the chosen one."""
+
+    candidates: list[Candidate]
+    chosen: int
+    finalists: list[int] = field(default_factory=list)
+
+    @property
+    def answer(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+
+def _load_pretrained(loader, name: str, **kwargs):
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(name).exists():
+            raise ClotError(f"Could not load a model from {name}: {str(err).splitlines()[0]}") from None
+        raise ClotError(
+            f"Could not load {name!r} from the Hugging Face Hub (it is unreachable or the id is wrong). "
+            "Download the model where the hub is reachable and pass its local folder "
+            "(--base-model /path/to/model), or run with --tiny for an offline smoke test.") from None
+
+
+class Engine:
+    """A loaded base model with its processor, the adapters folder, and one lock around the model."""
+
+    def __init__(self, model, processor, *, base_model: str, adapters_dir: str | Path = "adapters",
+                 device: torch.device | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.base_model = base_model
+        self.adapters_dir = Path(adapters_dir)
+        self.device = device or next(model.parameters()).device
+        self.fingerprint = registry.base_fingerprint(model.config)
+        self.active_adapter = registry.BASE
+        self._loaded: dict[str, str] = {}  # adapter name -> signature of the loaded copy
+        self._letter_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
+        self.lock = threading.RLock()  # one model, many users: generation and switching take turns
+        self.model.eval()
+
+    @classmethod
+    def load(cls, base_model: str = DEFAULT_BASE_MODEL, *, adapters_dir: str | Path = "adapters",
+             device: str = "auto", dtype: torch.dtype | None = None, adapter: str | None = None) -> "Engine":
+        """Load a base model by hub id or local path (no remote code), optionally with an adapter."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        torch_device = pick_device(device)
+        if torch_device.type == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("CLOT_CPU_THREADS", os.cpu_count() or 1))))
+        processor = _load_pretrained(AutoProcessor, base_model)
+        model = _load_pretrained(AutoModelForImageTextToText, base_model,
+                                 dtype=dtype or pick_dtype(torch_device), attn_implementation="sdpa")
+        model.to(torch_device)
+        engine = cls(model, processor, base_model=base_model, adapters_dir=adapters_dir, device=torch_device)
+        if adapter:
+            engine.use_adapter(adapter)
+        return engine
+
+    # ---------------------------------------------------------------- adapters
+    def list_adapters(self) -> list[registry.AdapterInfo]:
+        """Adapters published in the adapters folder (for any base model; switching checks the base)."""
+        return registry.discover(self.adapters_dir)
+
+    def use_adapter(self, name: str | None) -> None:
+        """Switch to a published adapter, or to the bare base model with None / "base".
+
+        The base model is never reloaded: adapters are added to one peft wrapper and enabled one
+        at a time. An adapter re-published under the same name is reloaded. On any error the
+        current adapter stays in use."""
+        with self.lock:
+            if name in (None, "", registry.BASE):
+                self.active_adapter = registry.BASE
+                return
+            registry.check_name(name)
+            path = self.adapters_dir / name
+            if not path.is_dir():
+                known = ", ".join(a.name for a in self.list_adapters()) or "none"
+                raise ClotError(f"Unknown adapter {name!r}. Published adapters: {known}.")
+            card = registry.validate(path, self.fingerprint)
+            signature = registry.AdapterInfo(name, path, card).signature
+            if self._loaded.get(name) != signature:
+                self._load_adapter(name, path)
+                self._loaded[name] = signature
+            self.model.set_adapter(name)
+            self.active_adapter = name
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        from peft import PeftModel
+
+        try:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+            else:
+                if name in self.model.peft_config:
+                    self.model.delete_adapter(name)
+                    self._loaded.pop(name, None)
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except Exception as err:  # a damaged or mismatched adapter must not take the engine down
+            if isinstance(self.model, PeftModel) and name in self.model.peft_config and len(self.model.peft_config) > 1:
+                self.model.delete_adapter(name)
+            if self.active_adapter != registry.BASE and isinstance(self.model, PeftModel):
+                self.model.set_adapter(self.active_adapter)
+            raise ClotError(f"Adapter {name!r} could not be loaded: {str(err).splitlines()[0][:200]}") from None
+        self.model.eval()
+
+    def _adapter_scope(self):
+        """Run with the active adapter, or with every adapter disabled for the bare base model."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel) and self.active_adapter == registry.BASE:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def using(self, adapter: str | None):
+        """Hold the model with `adapter` active (None keeps the current one) for a whole job."""
+        with self.lock:
+            if adapter is not None:
+                self.use_adapter(adapter)
+            with self._adapter_scope(), torch.inference_mode():
+                yield
+
+    # ---------------------------------------------------------------- encoding
+    def encode(self, turns: list[Turn]):
+        """Tokenize a batch of turns, left-padded. User text can never become control tokens."""
+        continuing = any(t.answer_prefix for t in turns)
+        if continuing and not all(t.answer_prefix for t in turns):
+            raise ValueError("Turns of one batch must all have an answer prefix, or none.")
+        batch = self.processor.apply_chat_template(
+            [t.conversation() for t in turns],
+            add_generation_prompt=not continuing, continue_final_message=continuing,
+            tokenize=True, return_dict=True, return_tensors="pt", sanitize_control_tokens=True,
+            processor_kwargs={"padding": True, "padding_side": "left"},
+        )
+        return batch.to(self.device)
+
+    # ---------------------------------------------------------------- generation
+    def turns_for(self, request: Request) -> list[Turn]:
+        """One row per candidate; a candidate's condition word goes into its own row's prompt."""
+        image = prepare_image(request.image) if request.image is not None else None
+        return [Turn(prompts.generation_prompt(request.task, request.language, request.text, condition,
+                                               request.wording), request.language, image)
+                for condition in request.conditions]
+
+    def generate(self, request: Request, adapter: str | None = None) -> list[Candidate]:
+        """All candidates of one request from one batched generate call."""
+        request.validate()
+        return self.generate_many([request], adapter=adapter)[0]
+
+    def generate_many(self, requests: list[Request], adapter: str | None = None) -> list[list[Candidate]]:
+        """Candidates for several requests in one generate call (they must share sampling settings)."""
+        for request in requests:
+            request.validate()
+        sampling = requests[0].sampling
+        if any(r.sampling != sampling for r in requests):
+            raise ValueError("Requests generated together must share their sampling settings.")
+        turns = [turn for r in requests for turn in self.turns_for(r)]
+        texts = self.sample(turns, sampling, adapter=adapter)
+        out, at = [], 0
+        for r in requests:
+            out.append([Candidate(text=texts[at + i], condition=c) for i, c in enumerate(r.conditions)])
+            at += len(r.conditions)
+        return out
+
+    def sample(self, turns: list[Turn], sampling: Sampling, adapter: str | None = None,
+               greedy: bool = False) -> list[str]:
+        """One generate call over all turns; returns each row's new text."""
+        sampling.validate()
+        with self.using(adapter):
+            inputs = self.encode(turns)
+            seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
+            torch.manual_seed(seed)
+            options = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=1,
+                           repetition_penalty=sampling.repetition_penalty,
+                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids())
+            if greedy:
+                options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                               top_k=sampling.top_k)
+            output = self.model.generate(**inputs, **options)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+    # ---------------------------------------------------------------- scoring
+    def _letters(self, answer_start: str, count: int) -> tuple[str, list[int]]:
+        """Token ids of the option letters where an answer names its first option.
+
+        Each letter is tokenized inside the answer text exactly as training formats it
+        ("A. …" or "1. C. …"); the shared start of those token sequences is fed to the
+        model, and the first token where they differ is the letter's token."""
+        key = (answer_start, count)
+        if key not in self._letter_cache:
+            sequences = [self.tokenizer.encode(f"{answer_start}{letter}. x", add_special_tokens=False)
+                         for letter in prompts.LETTERS[:count]]
+            shared = 0
+            while all(len(s) > shared + 1 and s[shared] == sequences[0][shared] for s in sequences):
+                shared += 1
+            ids = [s[shared] for s in sequences]
+            if len(set(ids)) != count:
+                raise RuntimeError("This tokenizer does not give each option letter its own token.")
+            self._letter_cache[key] = (self.tokenizer.decode(sequences[0][:shared]), ids)
+        return self._letter_cache[key]
+
+    def score(self, choices: list[Choice], adapter: str | None = None) -> list[list[float]]:
+        """Probability of each option being named first, for every question, by option-letter
+        probabilities (one forward pass per kind of question, batched). For a selection question
+        that is the pick; for a ranking question, the option ranked funniest."""
+        results: list[list[float] | None] = [None] * len(choices)
+        with self.using(adapter):
+            for start in sorted({c.answer_start for c in choices}):
+                group = [i for i, c in enumerate(choices) if c.answer_start == start]
+                width = max(len(choices[i].options) for i in group)
+                prefix, letter_ids = self._letters(start, width)
+                turns = [Turn(choices[i].prompt(), choices[i].lang,
+                              prepare_image(choices[i].image) if choices[i].image is not None else None,
+                              answer_prefix=prefix) for i in group]
+                if not prefix:
+                    turns = [Turn(t.text, t.lang, t.image) for t in turns]
+                inputs = self.encode(turns)
+                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                for row, i in enumerate(group):
+                    m = len(choices[i].options)
+                    results[i] = torch.softmax(logits[row, letter_ids[:m]], dim=-1).tolist()
+        return results  # type: ignore[return-value]
+
+    def answer_by_generation(self, choices: list[Choice], adapter: str | None = None,
+                             max_new_tokens: int = 256) -> list[list[int] | None]:
+        """Answer choice questions by greedy generation and parsing, as the paper did.
+        Selection → the picked option indices; ranking → the full order; None if unparsable."""
+        turns = [Turn(c.prompt(), c.lang, prepare_image(c.image) if c.image is not None else None) for c in choices]
+        texts = self.sample(turns, Sampling(max_new_tokens=max_new_tokens), adapter=adapter, greedy=True)
+        parsed = []
+        for choice, text in zip(choices, texts):
+            if choice.kind == "rank":
+                parsed.append(prompts.parse_ranking(text, len(choice.options)))
+            else:
+                parsed.append(prompts.parse_selection(text, len(choice.options), choice.num_correct))
+        return parsed
+
+    def rank(self, task: Task | str, lang: Language | str, answers: list[str], image: Image.Image | None = None,
+             question: str = "", adapter: str | None = None) -> list[float]:
+        """The ranking question of METHOD.md §3: each answer's probability of being ranked funniest."""
+        return self.score([Choice("rank", Task.parse(task), Language.parse(lang), answers, image, question)],
+                          adapter=adapter)[0]
+
+    def select(self, task: Task | str, lang: Language | str, options: list[str], image: Image.Image | None = None,
+               question: str = "", num_correct: int = 1, adapter: str | None = None) -> list[float]:
+        """The selection question of METHOD.md §3: each option's probability of being picked."""
+        return self.score([Choice("select", Task.parse(task), Language.parse(lang), options, image, question,
+                                  num_correct)], adapter=adapter)[0]
+
+    # ---------------------------------------------------------------- CLoT
+    def clot(self, request: Request, nouns: list[str] | None = None, rho: float = 0.5,
+             rng: random.Random | None = None, adapter: str | None = None) -> ClotResult:
+        """METHOD.md §5: n weak conditions → n answers → rank → keep the top 2 → select one.
+
+        Condition words typed by the user are kept; when none are given, each candidate gets a
+        uniform noun of the noun set, or none with probability rho."""
+        request.validate()
+        n = request.num_candidates
+        if n > len(prompts.LETTERS):
+            raise ClotError(f"CLoT mode ranks at most {len(prompts.LETTERS)} candidates, got {n}.")
+        if not any(request.conditions):
+            if rng is None:
+                rng = random.Random(request.sampling.seed)
+            request.conditions = draw_conditions(nouns or load_nouns(request.language), n, rho, rng)
+        with self.lock:
+            if adapter is not None:
+                self.use_adapter(adapter)
+            candidates = self.generate(request)
+            common = dict(task=request.task, lang=request.language, image=request.image, question=request.text)
+            if n == 1:
+                candidates[0].chosen = True
+                return ClotResult(candidates, 0, [0])
+            rank_scores = self.score([Choice("rank", options=[c.text for c in candidates], **common)])[0]
+            finalists = sorted(range(n), key=lambda i: -rank_scores[i])[:2]
+            select_scores = self.score([Choice("select", options=[candidates[i].text for i in finalists],
+                                               **common)])[0]
+        for candidate, score in zip(candidates, rank_scores):
+            candidate.rank_score = score
+        for i, score in zip(finalists, select_scores):
+            candidates[i].select_score = score
+        chosen = finalists[max(range(len(finalists)), key=lambda j: select_scores[j])]
+        candidates[chosen].chosen = True
+        return ClotResult(candidates, chosen, finalists)

@@ -1,0 +1,251 @@
+"""Every prompt template of CLoT, in one place (METHOD.md §3).
+
+The demo, instruction building, exploration and evaluation all build their prompts here,
+so a model is always asked at inference exactly what it was taught in training.
+
+A user message is composed of parts, each with three wordings per language:
+    opener ("think outside the box") + task brief + kind-specific body + lead-in.
+`wording` (0, 1, 2) picks the same variant of every part, so there are three complete
+wordings for every kind × task type × language.
+"""
+
+from __future__ import annotations
+
+import re
+
+from clot.tasks import ClotError, Language, Task
+
+EN, ZH, JA = Language.EN, Language.ZH, Language.JA
+NUM_WORDINGS = 3
+LETTERS = "ABCDEFGH"
+
+PERSONA = {
+    EN: "You are a comedy writer who knows internet memes and plays Oogiri: "
+        "you answer prompts with surprising, creative and funny replies.",
+    ZH: "你是一位熟悉网络梗的幽默大师，擅长玩大喜利：用出人意料、有创意又好笑的回答回应题目。",
+    JA: "あなたはネットのミームに詳しいお笑い作家で、大喜利の名人です。意外で独創的で面白い答えを返します。",
+}
+
+OPENER = {
+    EN: ["Let's think outside the box.",
+         "Let's think outside the box and take an unexpected leap.",
+         "Think outside the box: the obvious answer is never the funny one."],
+    ZH: ["让我们跳出框框思考。",
+         "让我们跳出常规，来一次意想不到的联想。",
+         "跳出框框想一想：最显而易见的答案从来都不好笑。"],
+    JA: ["発想を飛躍させて考えましょう。",
+         "常識の枠を飛び越えて、意外な連想をしてみましょう。",
+         "枠にとらわれずに考えて。ありきたりな答えは面白くありません。"],
+}
+
+TASK_BRIEF = {
+    Task.I2T: {
+        EN: ["Look at the image and write a funny caption for it.",
+             "Here is a picture. What is the funniest thing someone in it could be saying or thinking?",
+             "Give this image a witty one-liner that makes people laugh."],
+        ZH: ["看这张图片，为它配一句好笑的话。",
+             "这是一张图片。图中的人或物此刻最好笑的心声会是什么？",
+             "给这张图写一句让人笑出声的神配文。"],
+        JA: ["この画像を見て、面白い一言をつけてください。",
+             "写真で一言。この場面で一番笑えるセリフは何でしょう？",
+             "この画像に、思わず笑ってしまうキャプションをつけてください。"],
+    },
+    Task.IT2T: {
+        EN: ["The image contains text with a blank. Fill in the blank so the result is funny.",
+             "Some words in this picture are missing. What goes in the gap to make it hilarious?",
+             "Complete the sentence shown in the image in the funniest way you can."],
+        ZH: ["图片里有一段留了空白的文字，请填上空白，让它变得好笑。",
+             "图中的句子缺了几个字，填什么最好笑？",
+             "用最搞笑的方式补全图片里的句子。"],
+        JA: ["画像の中に空欄のある文があります。面白くなるように空欄を埋めてください。",
+             "この画像の文には抜けている言葉があります。何を入れたら一番笑えますか？",
+             "画像の文を、一番面白くなるように完成させてください。"],
+    },
+    Task.T2T: {
+        EN: ["Answer the following question in a funny way.",
+             "Here is a prompt. Reply with something surprising and funny.",
+             "Give the funniest possible answer to this question."],
+        ZH: ["请用幽默的方式回答下面的问题。",
+             "这是一道题目，请给出一个出人意料又好笑的回答。",
+             "请给这个问题一个最好笑的回答。"],
+        JA: ["次のお題に面白く答えてください。",
+             "お題です。意外で笑える答えを返してください。",
+             "このお題に、一番面白い答えをください。"],
+    },
+}
+
+QUESTION = {EN: "Question: {question}", ZH: "题目：{question}", JA: "お題：{question}"}
+
+CONDITION = {
+    EN: "Condition: your answer must contain the word “{word}”.",
+    ZH: "条件：回答中必须包含“{word}”。",
+    JA: "条件：答えに「{word}」という言葉を必ず入れてください。",
+}
+
+MASKED = {
+    EN: ["Here is a funny answer with a part hidden as [MASK]. Restore the complete answer: {masked}",
+         "Fill in [MASK] to recover the whole funny answer: {masked}",
+         "One piece of this joke was replaced by [MASK]. Write the full joke: {masked}"],
+    ZH: ["下面这个好笑的回答中有一部分被遮成了 [MASK]，请还原完整的回答：{masked}",
+         "补全 [MASK]，还原整个好笑的回答：{masked}",
+         "这个笑话的一部分被换成了 [MASK]，请写出完整的笑话：{masked}"],
+    JA: ["面白い答えの一部が [MASK] で隠されています。元の答えを全部書いてください：{masked}",
+         "[MASK] を埋めて、面白い答えを完成させてください：{masked}",
+         "このネタの一部が [MASK] になっています。ネタ全体を書いてください：{masked}"],
+}
+
+SELECT_ONE = {
+    EN: ["Which of these answers is the funniest? Reply with its letter and text.",
+         "Pick the single funniest answer below, as letter and text.",
+         "Only one of these answers is truly funny. Which one? Give its letter and text."],
+    ZH: ["下面哪个回答最好笑？请给出它的字母和内容。",
+         "从下面的回答中选出最好笑的一个，写出字母和内容。",
+         "下面只有一个回答真正好笑，是哪一个？请写出字母和内容。"],
+    JA: ["次の答えのうち、一番面白いのはどれですか？記号と答えを書いてください。",
+         "一番面白い答えを一つ選び、記号と答えを書いてください。",
+         "本当に面白い答えは一つだけです。どれですか？記号と答えを書いてください。"],
+}
+
+SELECT_MANY = {
+    EN: ["Which {n} of these answers are the funniest? Reply with their letters and texts.",
+         "Pick the {n} funniest answers below, each as letter and text.",
+         "Exactly {n} of these answers are truly funny. Which ones? Give letters and texts."],
+    ZH: ["下面哪{n}个回答最好笑？请给出它们的字母和内容。",
+         "从下面的回答中选出最好笑的{n}个，写出字母和内容。",
+         "下面恰好有{n}个回答真正好笑，是哪几个？请写出字母和内容。"],
+    JA: ["次の答えのうち、面白いものを{n}つ選び、記号と答えを書いてください。",
+         "一番面白い答えを{n}つ選び、それぞれ記号と答えを書いてください。",
+         "本当に面白い答えはちょうど{n}つです。どれですか？記号と答えを書いてください。"],
+}
+
+RANK = {
+    EN: ["Rank these answers from funniest to least funny, as a numbered list of letters and texts.",
+         "Order the answers below by how funny they are, funniest first.",
+         "Sort these answers from the biggest laugh to the smallest, as 1. letter. text."],
+    ZH: ["请把这些回答按好笑程度从高到低排序，用编号列出字母和内容。",
+         "按好笑程度给下面的回答排序，最好笑的排第一。",
+         "把这些回答从最好笑到最不好笑排列，格式为“1. 字母. 内容”。"],
+    JA: ["これらの答えを面白い順に並べ、番号付きで記号と答えを書いてください。",
+         "次の答えを面白さの順に並べてください。一番面白いものが最初です。",
+         "笑いの大きい順に並べ替えてください。形式は「1. 記号. 答え」です。"],
+}
+
+LEAD_IN = {
+    EN: ["A satisfying answer is:", "The funniest answer is:", "A great answer would be:"],
+    ZH: ["令人满意的回答是：", "最好笑的回答是：", "一个绝妙的回答是："],
+    JA: ["満足のいく答えは：", "一番面白い答えは：", "最高の答えは："],
+}
+
+OPTIONS_HEADER = {EN: "Options:", ZH: "选项：", JA: "選択肢："}
+
+
+def _pick(variants: list[str], wording: int) -> str:
+    return variants[wording % len(variants)]
+
+
+def _head(task: Task, lang: Language, question: str, wording: int) -> list[str]:
+    parts = [_pick(OPENER[lang], wording), _pick(TASK_BRIEF[task][lang], wording)]
+    if question:
+        parts.append(QUESTION[lang].format(question=question))
+    return parts
+
+
+def generation_prompt(task: Task, lang: Language, question: str = "", condition: str = "",
+                      wording: int = 0) -> str:
+    """Kinds 1 and 2: ask for a funny answer, optionally one that must contain `condition`."""
+    parts = _head(task, lang, question, wording)
+    if condition:
+        parts.append(CONDITION[lang].format(word=condition))
+    parts.append(_pick(LEAD_IN[lang], wording))
+    return "\n".join(parts)
+
+
+def masked_prompt(task: Task, lang: Language, masked_answer: str, question: str = "",
+                  wording: int = 0) -> str:
+    """Kind 3: restore an answer in which a noun or phrase became [MASK]."""
+    parts = _head(task, lang, question, wording)
+    parts.append(_pick(MASKED[lang], wording).format(masked=masked_answer))
+    parts.append(_pick(LEAD_IN[lang], wording))
+    return "\n".join(parts)
+
+
+def _options_block(lang: Language, options: list[str]) -> str:
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ClotError(f"Between 2 and {len(LETTERS)} options are needed, got {len(options)}.")
+    lines = [OPTIONS_HEADER[lang]]
+    lines += [f"{LETTERS[i]}. {one_line(text)}" for i, text in enumerate(options)]
+    return "\n".join(lines)
+
+
+def selection_prompt(task: Task, lang: Language, options: list[str], num_correct: int = 1,
+                     question: str = "", wording: int = 0) -> str:
+    """Kind 4 (mTn): pick the `num_correct` funniest of the lettered options."""
+    parts = _head(task, lang, question, wording)
+    body = SELECT_ONE if num_correct == 1 else SELECT_MANY
+    parts.append(_pick(body[lang], wording).format(n=num_correct))
+    parts.append(_options_block(lang, options))
+    parts.append(_pick(LEAD_IN[lang], wording))
+    return "\n".join(parts)
+
+
+def ranking_prompt(task: Task, lang: Language, options: list[str], question: str = "",
+                   wording: int = 0) -> str:
+    """Kind 5: order the lettered options from funniest to least funny."""
+    parts = _head(task, lang, question, wording)
+    parts.append(_pick(RANK[lang], wording))
+    parts.append(_options_block(lang, options))
+    parts.append(_pick(LEAD_IN[lang], wording))
+    return "\n".join(parts)
+
+
+def selection_target(options: list[str], picks: list[int]) -> str:
+    """`A. <text>` per picked option, in letter order, one per line."""
+    return "\n".join(f"{LETTERS[i]}. {one_line(options[i])}" for i in sorted(picks))
+
+
+def ranking_target(options: list[str], order: list[int]) -> str:
+    """`1. C. <text>` … : `order` lists option indices from funniest to least funny."""
+    if sorted(order) != list(range(len(options))):
+        raise ClotError("A ranking must order every option exactly once.")
+    return "\n".join(f"{place}. {LETTERS[i]}. {one_line(options[i])}" for place, i in enumerate(order, 1))
+
+
+RANK_PREFIX = "1. "  # what a ranking answer starts with, before the first letter
+
+
+def parse_selection(text: str, num_options: int, num_correct: int = 1) -> list[int] | None:
+    """Letters chosen in a generated selection answer; None when it cannot be parsed."""
+    found: list[int] = []
+    for match in re.finditer(r"(?:^|\n)\s*([A-H])[.．)]", text):
+        index = LETTERS.index(match.group(1))
+        if index < num_options and index not in found:
+            found.append(index)
+    return found[:num_correct] if len(found) >= num_correct else None
+
+
+def parse_ranking(text: str, num_options: int) -> list[int] | None:
+    """Option order of a generated ranking answer; None unless every option appears once."""
+    order: list[int] = []
+    for match in re.finditer(r"(?:^|\n)\s*\d+\s*[.．)]\s*([A-H])[.．)]", text):
+        index = LETTERS.index(match.group(1))
+        if index < num_options and index not in order:
+            order.append(index)
+    return order if len(order) == num_options else None
+
+
+def one_line(text: str) -> str:
+    """Options are listed one per line, so their own line breaks become spaces."""
+    return " ".join(text.split())
+
+
+def messages(user_text: str, lang: Language, has_image: bool, answer: str | None = None) -> list[dict]:
+    """A chat conversation: persona, the user's turn (image first), and optionally the answer."""
+    content: list[dict] = [{"type": "image"}] if has_image else []
+    content.append({"type": "text", "text": user_text})
+    conversation = [
+        {"role": "system", "content": [{"type": "text", "text": PERSONA[lang]}]},
+        {"role": "user", "content": content},
+    ]
+    if answer is not None:
+        conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return conversation
