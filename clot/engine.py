@@ -408,3 +408,53 @@ class Engine:
         chosen = finalists[max(range(len(finalists)), key=lambda j: select_scores[j])]
         candidates[chosen].chosen = True
         return ClotResult(candidates, chosen, finalists)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Answer one prompt from the command line: python -m clot.engine --tiny --task T2T --text "…"."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m clot.engine", description=main.__doc__)
+    parser.add_argument("--base-model", default=os.environ.get("CLOT_BASE_MODEL", DEFAULT_BASE_MODEL),
+                        help="hub id or local folder (env CLOT_BASE_MODEL; default %(default)s)")
+    parser.add_argument("--tiny", action="store_true", help="use the offline tiny model (random weights)")
+    parser.add_argument("--adapters-dir", default=os.environ.get("CLOT_ADAPTERS_DIR", "adapters"))
+    parser.add_argument("--adapter", default=None, help="adapter name in the adapters folder (default: base)")
+    parser.add_argument("--device", default=os.environ.get("CLOT_DEVICE", "auto"))
+    parser.add_argument("--task", default="T2T", choices=[t.value for t in Task])
+    parser.add_argument("--text", default="", help="the question (T2T) or an optional hint")
+    parser.add_argument("--image", default=None, help="image file for I2T / IT2T")
+    parser.add_argument("--lang", default="auto")
+    parser.add_argument("-n", "--num-candidates", type=int, default=3)
+    parser.add_argument("--condition", action="append", default=[], help="a condition word (repeatable)")
+    parser.add_argument("--mode", choices=["sample", "clot"], default="sample")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        base = args.base_model
+        if args.tiny:
+            from clot import tiny
+
+            base = str(tiny.build())
+        engine = Engine.load(base, adapters_dir=args.adapters_dir, device=args.device, adapter=args.adapter)
+        image = Image.open(args.image) if args.image else None
+        request = Request(task=args.task, image=image, text=args.text, language=args.lang,
+                          conditions=args.condition, num_candidates=args.num_candidates,
+                          sampling=Sampling(seed=args.seed))
+        if args.mode == "clot":
+            result = engine.clot(request)
+            for i, c in enumerate(result.candidates):
+                mark = "*" if c.chosen else " "
+                print(f"{mark} rank {c.rank_score:.3f}  [{c.condition or '-'}] {c.text}")
+        else:
+            for c in engine.generate(request):
+                print(f"[{c.condition or '-'}] {c.text}")
+    except (ClotError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
