@@ -156,6 +156,9 @@ class Engine:
         self._loaded: dict[str, str] = {}  # adapter name -> signature of the loaded copy
         self._letter_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self.lock = threading.RLock()  # one model, many users: generation and switching take turns
+        # Prefill the prompt part all candidates share once, instead of once per candidate.
+        self.shared_prefill = True
+        self.min_shared_prefix = 16  # tokens; below this the extra forward pass is not worth it
         self.model.eval()
 
     @classmethod
@@ -283,14 +286,18 @@ class Engine:
         return out
 
     def sample(self, turns: list[Turn], sampling: Sampling, adapter: str | None = None,
-               greedy: bool = False) -> list[str]:
-        """One generate call over all turns; returns each row's new text."""
+               greedy: bool = False, exact_length: bool = False) -> list[str]:
+        """One generate call over all turns; returns each row's new text.
+        `exact_length` forces max_new_tokens per row (benchmarks of random-weight models)."""
         sampling.validate()
         with self.using(adapter):
             inputs = self.encode(turns)
+            if self.shared_prefill:
+                inputs = self._prefill_shared_prefix(turns, inputs)
             seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
             torch.manual_seed(seed)
-            options = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=1,
+            options = dict(max_new_tokens=sampling.max_new_tokens,
+                           min_new_tokens=sampling.max_new_tokens if exact_length else 1,
                            repetition_penalty=sampling.repetition_penalty,
                            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids())
             if greedy:
@@ -301,6 +308,57 @@ class Engine:
             output = self.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _prefill_shared_prefix(self, turns: list[Turn], inputs) -> dict:
+        """Run the prompt part that every row shares (system turn, image, instruction start) once,
+        copy its KV cache to every row, and let generate continue each row from there.
+
+        Rows keep their own suffixes (e.g. different condition words); the padding between the
+        shared prefix and a shorter suffix is masked out, and positions follow the mask, so every
+        row sees exactly the tokens it would see alone. Returns the generate inputs to use."""
+        from transformers import DynamicCache
+
+        rows = len(turns)
+        if rows < 2 or any(t.image is not turns[0].image for t in turns):
+            return inputs
+        ids, mask, kinds = inputs["input_ids"], inputs["attention_mask"].bool(), inputs["mm_token_type_ids"]
+        unpadded = [ids[i][mask[i]] for i in range(rows)]
+        shortest = min(len(r) for r in unpadded)
+        shared = 0
+        while shared < shortest - 1 and all(r[shared] == unpadded[0][shared] for r in unpadded):
+            shared += 1
+        row_kinds = [kinds[i][mask[i]] for i in range(rows)]
+        if shared < self.min_shared_prefix or any(k[shared:].any() for k in row_kinds):
+            return inputs  # too little to share, or image tokens after the shared part
+        vlm = self._vlm()
+        prefix = unpadded[0][:shared][None]
+        vision = {}
+        if "pixel_values" in inputs:
+            patches = int(inputs["image_grid_thw"][0].prod())
+            vision = {"pixel_values": inputs["pixel_values"][:patches], "image_grid_thw": inputs["image_grid_thw"][:1]}
+        cache = DynamicCache(config=vlm.config)
+        self.model(input_ids=prefix, attention_mask=torch.ones_like(prefix), mm_token_type_ids=row_kinds[0][:shared][None],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
+        if not vision:  # text-only prompts: no multimodal position offset (clear any stale one)
+            vlm.model.rope_deltas = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        cache.batch_repeat_interleave(rows)
+        width = max(len(r) for r in unpadded) - shared
+        full = torch.full((rows, shared + width), self.tokenizer.pad_token_id, dtype=ids.dtype, device=ids.device)
+        full_mask = torch.zeros_like(full)
+        for i, row in enumerate(unpadded):
+            suffix = row[shared:]
+            full[i, :shared] = prefix[0]
+            full[i, shared + width - len(suffix):] = suffix
+            full_mask[i, :shared] = 1
+            full_mask[i, shared + width - len(suffix):] = 1
+        full_kinds = torch.zeros_like(full)
+        full_kinds[:, :shared] = row_kinds[0][:shared]
+        return {"input_ids": full, "attention_mask": full_mask, "mm_token_type_ids": full_kinds,
+                "past_key_values": cache}
+
+    def _vlm(self):
+        """The transformers model under any peft wrapper."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _stop_ids(self) -> list[int]:
         ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}

@@ -80,15 +80,19 @@ def test_seeded_requests_reproduce(engine, image):
     assert run(7) != run(8)
 
 
-def test_batched_rows_match_single_rows_under_greedy_decoding(engine, image):
-    """Left padding must not change what a row generates."""
+def test_left_padded_rows_see_what_they_would_see_alone(engine, image):
+    """Padding must not change a row's next-token distribution (text and image rows mixed)."""
     turns = [Turn(prompts.generation_prompt(Task.T2T, Language.EN, "Short?"), Language.EN),
              Turn(prompts.generation_prompt(Task.T2T, Language.ZH, "一个长得多的问题，为什么猫总是在键盘上睡觉？"), Language.ZH),
              Turn(prompts.generation_prompt(Task.I2T, Language.JA), Language.JA, image)]
-    settings = Sampling(max_new_tokens=6)
-    together = engine.sample(turns, settings, greedy=True)
-    alone = [engine.sample([t], settings, greedy=True)[0] for t in turns]
-    assert together == alone
+
+    def last_logits(batch_turns):
+        with torch.no_grad():
+            return engine.model(**engine.encode(batch_turns), logits_to_keep=1).logits[:, -1]
+
+    together = last_logits(turns)
+    for i, turn in enumerate(turns):
+        assert torch.allclose(together[i], last_logits([turn])[0], atol=1e-4)
 
 
 def test_user_text_cannot_become_control_tokens(engine):
@@ -240,3 +244,18 @@ def test_cli_prints_sentence_not_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "Hugging Face Hub" in result.stderr
+
+
+@pytest.mark.parametrize("task", ["I2T", "T2T"])
+def test_shared_prefill_is_output_identical_to_plain_batching(engine, image, generate_calls, task):
+    request = dict(task=task, image=image if task == "I2T" else None, text="Why do penguins wear suits?",
+                   conditions=["walrus", "", "teapot sandwich", "x"], num_candidates=5,
+                   sampling=Sampling(seed=11, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12))
+    engine.shared_prefill = False
+    plain = [c.text for c in engine.generate(Request(**request))]
+    engine.shared_prefill = True
+    shared = [c.text for c in engine.generate(Request(**request))]
+    assert shared == plain
+    assert len(set(plain)) > 1  # real sampled text, not a degenerate repeat
+    assert "past_key_values" not in generate_calls[0] and "past_key_values" in generate_calls[1]
+    assert generate_calls[1]["past_key_values"].get_seq_length() > engine.min_shared_prefix
