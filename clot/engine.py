@@ -159,6 +159,7 @@ class Engine:
         # Prefill the prompt part all candidates share once, instead of once per candidate.
         self.shared_prefill = True
         self.min_shared_prefix = 16  # tokens; below this the extra forward pass is not worth it
+        self.fixed_length = False  # benchmarks on random weights: always generate max_new_tokens
         self.model.eval()
 
     @classmethod
@@ -286,9 +287,8 @@ class Engine:
         return out
 
     def sample(self, turns: list[Turn], sampling: Sampling, adapter: str | None = None,
-               greedy: bool = False, exact_length: bool = False) -> list[str]:
-        """One generate call over all turns; returns each row's new text.
-        `exact_length` forces max_new_tokens per row (benchmarks of random-weight models)."""
+               greedy: bool = False) -> list[str]:
+        """One generate call over all turns; returns each row's new text."""
         sampling.validate()
         with self.using(adapter):
             inputs = self.encode(turns)
@@ -297,7 +297,7 @@ class Engine:
             seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
             torch.manual_seed(seed)
             options = dict(max_new_tokens=sampling.max_new_tokens,
-                           min_new_tokens=sampling.max_new_tokens if exact_length else 1,
+                           min_new_tokens=sampling.max_new_tokens if self.fixed_length else 1,
                            repetition_penalty=sampling.repetition_penalty,
                            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids())
             if greedy:

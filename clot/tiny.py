@@ -105,33 +105,48 @@ def build_tokenizer():
     return tokenizer
 
 
-def build(target: str | Path = DEFAULT_DIR, force: bool = False) -> Path:
-    """Write the tiny model to `target` (atomically) unless an identical build is already there."""
+# Model sizes of the same architecture. "tiny" is for tests; "small" (~100M parameters, images up to
+# 256 visual tokens) is for CPU benchmarks where the relative cost of image tokens must be realistic.
+SIZES = {
+    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, mrope_section=[2, 3, 3]),
+                 vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2),
+                 max_image_tokens=16),
+    "small": dict(text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            num_key_value_heads=4, mrope_section=[8, 12, 12]),
+                  vision=dict(depth=4, hidden_size=384, intermediate_size=1536, num_heads=6),
+                  max_image_tokens=256),
+}
+
+
+def build(target: str | Path = DEFAULT_DIR, force: bool = False, size: str = "tiny") -> Path:
+    """Write the model to `target` (atomically) unless an identical build is already there."""
     import torch
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor)
 
     target = Path(target)
-    recipe = hashlib.sha256(("\n".join(corpus()) + CHAT_TEMPLATE + f"{VOCAB_SIZE}{SEED}v1").encode()).hexdigest()[:16]
+    spec = SIZES[size]
+    recipe = hashlib.sha256(("\n".join(corpus()) + CHAT_TEMPLATE + f"{VOCAB_SIZE}{SEED}v1{spec}").encode()).hexdigest()[:16]
     stamp = target / "clot_tiny.json"
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe:
         return target
 
     tokenizer = build_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 16})
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * spec["max_image_tokens"]})
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            vocab_size=len(tokenizer), max_position_embeddings=4096,
+            **{k: v for k, v in spec["text"].items() if k != "mrope_section"},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": spec["text"]["mrope_section"]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=True,
         ),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+        vision_config=dict(**spec["vision"], out_hidden_size=spec["text"]["hidden_size"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -146,7 +161,7 @@ def build(target: str | Path = DEFAULT_DIR, force: bool = False) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
-    (staging / "clot_tiny.json").write_text(json.dumps({"name": TINY_NAME, "recipe": recipe}))
+    (staging / "clot_tiny.json").write_text(json.dumps({"name": f"{TINY_NAME}-{size}", "recipe": recipe}))
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
@@ -157,8 +172,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", nargs="?", default=str(DEFAULT_DIR), help="folder to write (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size (default: %(default)s)")
     args = parser.parse_args()
-    print(build(args.target, force=args.force))
+    print(build(args.target, force=args.force, size=args.size))
 
 
 if __name__ == "__main__":
