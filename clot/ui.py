@@ -252,14 +252,18 @@ class Studio:
         with engine.lock:  # one adapter for the whole job, whatever other users pick meanwhile
             if mode == "CLoT":
                 nouns = load_nouns(request.language, self.nouns_path)
-                return engine.clot(request, nouns=nouns, rng=random.Random(request.sampling.seed),
-                                   adapter=adapter).candidates
-            candidates = engine.generate(request, adapter=adapter)
-            scores = engine.rank(request.task, request.language, [c.text for c in candidates], image=request.image,
-                                 question=request.text, adapter=adapter)
-        for candidate, score in zip(candidates, scores):
-            candidate.rank_score = score
-        max(candidates, key=lambda c: c.rank_score).chosen = True
+                candidates = engine.clot(request, nouns=nouns, rng=random.Random(request.sampling.seed),
+                                         adapter=adapter).candidates
+            else:
+                candidates = engine.generate(request, adapter=adapter)
+                if len(candidates) > 1:  # the ranking question needs at least two options
+                    scores = engine.rank(request.task, request.language, [c.text for c in candidates],
+                                         image=request.image, question=request.text, adapter=adapter)
+                    for candidate, score in zip(candidates, scores):
+                        candidate.rank_score = score
+                max(candidates, key=lambda c: c.rank_score or 0.0).chosen = True
+        if len(candidates) == 1:  # a lone answer is trivially the top-ranked one
+            candidates[0].rank_score = 1.0
         return candidates
 
     # ---------------------------------------------------------------- the three tabs (the public API)
