@@ -30,19 +30,21 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from clot import adapters as registry
-from clot import meme, prompts
-from clot.engine import Engine, prepare_image
-from clot.nouns import draw_conditions, load_nouns
-from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task
-
-try:  # ZeroGPU on a Space: only GPU-decorated functions get a GPU. Elsewhere spaces.GPU changes nothing.
+# ZeroGPU on a Space: only GPU-decorated functions get a GPU, and `spaces` must be imported before
+# anything touches CUDA, hence before the engine. Elsewhere spaces.GPU returns the function unchanged.
+try:
     import spaces
 
     gpu = spaces.GPU(duration=120)
 except ImportError:
     def gpu(fn):
         return fn
+
+from clot import adapters as registry  # noqa: E402
+from clot import meme, prompts  # noqa: E402
+from clot.engine import Engine, prepare_image  # noqa: E402
+from clot.nouns import draw_conditions, load_nouns  # noqa: E402
+from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task  # noqa: E402
 
 log = logging.getLogger(__name__)
 
