@@ -11,12 +11,7 @@ import logging
 import os
 import sys
 
-import gradio as gr
-
-from clot.ui import build_demo  # imports `spaces` (if installed) before anything can touch CUDA
-
-from clot.engine import DEFAULT_BASE_MODEL, Engine
-from clot.tasks import ClotError
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"  # kept equal to clot.engine's (tested); --help stays instant
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -59,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Heavy imports after parsing; clot.ui imports `spaces` (when installed) before the engine touches CUDA.
+    import gradio as gr
+
+    from clot.ui import build_demo
+    from clot.engine import Engine
+    from clot.tasks import ClotError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base_model = args.base_model
     if args.tiny:

@@ -106,21 +106,30 @@ def _layout(text: str, width: int, height: int) -> tuple[ImageFont.ImageFont, li
     return font, lines, line_height
 
 
-def render(image: Image.Image, text: str) -> Image.Image:
-    """The image (EXIF-rotated, RGB, same size) with `text` across its lower part."""
+def render(image: Image.Image, text: str, position: str = "bottom") -> Image.Image:
+    """The image (EXIF-rotated, RGB, same size) with `text` across its lower (or upper) part."""
+    if position not in ("bottom", "top"):
+        raise ValueError(f"position must be 'bottom' or 'top', got {position!r}.")
     meme = prepare_image(image).copy()
-    text = " ".join(text.split()) if text else ""
+    # Glyph-less characters (controls, the decoder's U+FFFD for broken bytes) would draw as boxes.
+    text = "".join(ch for ch in (text or "") if ch.isprintable() and ch != "\ufffd" or ch.isspace())
+    text = " ".join(text.split())
     if not text:
         return meme
     width, height = meme.size
     font, lines, line_height = _layout(text, width, height)
     stroke = max(1, line_height // 14)
     block = len(lines) * line_height
-    top = height - block - max(4, height // 30)
+    margin = max(4, height // 30)
+    top = height - block - margin if position == "bottom" else margin
+    if position == "bottom":
+        band_top, band_bottom = max(0, top - line_height // 4), height
+    else:
+        band_top, band_bottom = 0, top + block + line_height // 4
 
     # A translucent band keeps light text readable on any background.
     band = Image.new("RGBA", meme.size, (0, 0, 0, 0))
-    ImageDraw.Draw(band).rectangle([0, max(0, top - line_height // 4), width, height], fill=(0, 0, 0, 110))
+    ImageDraw.Draw(band).rectangle([0, band_top, width, band_bottom], fill=(0, 0, 0, 110))
     meme = Image.alpha_composite(meme.convert("RGBA"), band).convert("RGB")
 
     draw = ImageDraw.Draw(meme)

@@ -4,14 +4,14 @@
     demo = build_demo(engine)
     demo.queue(default_concurrency_limit=1).launch()
 
-HTTP endpoints (stable api_names, callable with gradio_client):
-    /image_to_text        (image, language, conditions, num_candidates, mode, adapter, *sampling) -> (result, meme, meme_file)
-    /image_text_to_text   (image, text, language, ...same...)                                       -> (result, meme, meme_file)
-    /text_to_text         (text, language, ...same...)                                              -> result
-    /draw_conditions      (language, num_candidates, text) -> "word, word, …"
-    /refresh_adapters     (adapter) -> (adapter, adapter cards table)
-    /switch_adapter       (adapter) -> card (Markdown)
-where *sampling = temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed.
+HTTP endpoints (stable api_names, callable with gradio_client; *common = language, conditions,
+num_candidates, mode, adapter, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed):
+    /image_to_text       (image, *common)        -> (result, meme PNG, meme PNG for download)
+    /image_text_to_text  (image, text, *common)  -> (result, meme PNG, meme PNG for download)
+    /text_to_text        (text, *common)         -> result
+    /draw_conditions     (language, num_candidates, text) -> "word, word, …"
+    /refresh_adapters    (current adapter) -> (adapter picker, adapter cards table)
+    /switch_adapter      (adapter) -> its card (Markdown)
 Every input is validated here too, because the HTTP API bypasses the sliders.
 """
 
@@ -217,7 +217,8 @@ class Studio:
         seed = _number("seed", seed, whole=True, optional=True)
         sampling = Sampling(
             temperature=_number("temperature", temperature), top_p=_number("top_p", top_p),
-            top_k=_number("top_k", top_k, whole=True), max_new_tokens=_number("max_new_tokens", max_new_tokens, whole=True),
+            top_k=_number("top_k", top_k, whole=True),
+            max_new_tokens=_number("max_new_tokens", max_new_tokens, whole=True),
             repetition_penalty=_number("repetition_penalty", repetition_penalty),
             seed=random.randrange(2**32) if seed is None else seed,  # always known, so a result can be reproduced
         )
@@ -239,7 +240,9 @@ class Studio:
             result = result_dict(request, mode, adapter, candidates)
             if not task.needs_image:
                 return result
-            path = self.memes.save(meme.render(request.image, result["answer"]))
+            # An image with a blank usually carries its sentence at the bottom: keep it visible.
+            position = "top" if task is Task.IT2T else "bottom"
+            path = self.memes.save(meme.render(request.image, result["answer"], position))
             return result, path, path
         except ClotError as err:
             raise gr.Error(str(err), print_exception=False) from None

@@ -19,6 +19,7 @@ from conftest import make_adapter
 from ui_helpers import EXAMPLES, free_port, running_demo
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # app.py lives at the top, outside the package
 CAT = EXAMPLES / "cat.jpg"
 SAMPLING = dict(temperature=0.9, top_p=0.9, top_k=50, max_new_tokens=12, repetition_penalty=1.05)
 
@@ -205,6 +206,20 @@ def test_app_help_documents_every_setting():
         assert flag in out
 
 
+def test_app_settings_fall_back_on_environment_variables(monkeypatch):
+    import app
+    from clot.engine import DEFAULT_BASE_MODEL
+
+    assert app.parse_args([]).base_model == DEFAULT_BASE_MODEL
+    monkeypatch.setenv("CLOT_BASE_MODEL", "/models/vlm")
+    monkeypatch.setenv("CLOT_ADAPTERS_DIR", "/data/adapters")
+    monkeypatch.setenv("CLOT_DEVICE", "cpu")
+    monkeypatch.setenv("CLOT_PORT", "9000")
+    args = app.parse_args([])
+    assert (args.base_model, args.adapters_dir, args.device, args.port) == ("/models/vlm", "/data/adapters", "cpu", 9000)
+    assert app.parse_args(["--device", "cuda:1"]).device == "cuda:1"  # a flag beats its variable
+
+
 def test_unreachable_base_model_ends_in_one_sentence(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "app.py", "--base-model", "no-such-org/no-such-model",
@@ -239,3 +254,10 @@ def test_readme_demo_command_serves_offline(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_degenerate_images_are_refused_clearly(client, tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (600, 4), "white").save(strip)
+    with pytest.raises(AppError, match="The image is 600×4 pixels: use one at least 8 pixels on each side"):
+        client.predict(*call(handle_file(strip)), api_name="/image_to_text")

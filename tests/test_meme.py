@@ -21,7 +21,15 @@ def test_caption_goes_on_the_lower_part_and_keeps_the_size():
     out = meme.render(image, "When the coffee finally kicks in")
     assert out.size == image.size and out.mode == "RGB"
     top, bottom = changed_rows(image, out)
-    assert top >= 300 * (1 - meme.MAX_TEXT_HEIGHT) - 20 and bottom <= 300
+    assert top >= 300 * (1 - meme.MAX_TEXT_HEIGHT) - 20 and bottom == 300
+    top, bottom = changed_rows(image, meme.render(image, "When the coffee finally kicks in", "top"))
+    assert top == 0 and bottom <= 300 * meme.MAX_TEXT_HEIGHT + 20
+
+
+def test_characters_without_glyphs_are_dropped():
+    image = Image.new("RGB", (300, 200), "gray")
+    assert meme.render(image, "\x02\ufffd \x07") == image  # nothing drawable: the image is unchanged
+    assert meme.render(image, "ok\ufffd\x02") == meme.render(image, "ok")
 
 
 @pytest.mark.skipif(meme.font_path() is None, reason="no CJK font installed (packages.txt: fonts-noto-cjk)")
