@@ -232,10 +232,12 @@ class Studio:
         )
         return request.validate(), mode, adapter
 
-    def play(self, task: Task, *args) -> tuple:
+    def play(self, task: Task, *args, progress=gr.Progress()) -> tuple:
         """One tab's generation, with every user-caused error turned into a gr.Error."""
         try:
             request, mode, adapter = self.build_request(task, *args)
+            steps = "writing, ranking and selecting" if mode == "CLoT" else "writing and ranking"
+            progress(0.05, desc=f"{request.num_candidates} candidates: {steps}…")
             candidates = self.run(request, mode, adapter)
             result = result_dict(request, mode, adapter, candidates)
             if not task.needs_image:
@@ -273,22 +275,25 @@ class Studio:
 
     # ---------------------------------------------------------------- the three tabs (the public API)
     def image_to_text(self, image, language, conditions, num_candidates, mode, adapter,
-                      temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed):
+                      temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                      progress=gr.Progress()):
         """Caption a photo (I2T). Returns (result JSON, meme PNG, meme PNG for download)."""
         return self.play(Task.I2T, image, "", language, conditions, num_candidates, mode, adapter,
-                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
 
     def image_text_to_text(self, image, text, language, conditions, num_candidates, mode, adapter,
-                           temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed):
+                           temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                           progress=gr.Progress()):
         """Fill the blank in an image, or answer a question about it (IT2T). Returns (result JSON, meme, download)."""
         return self.play(Task.IT2T, image, text, language, conditions, num_candidates, mode, adapter,
-                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
 
     def text_to_text(self, text, language, conditions, num_candidates, mode, adapter,
-                     temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed):
+                     temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                     progress=gr.Progress()):
         """Answer a question (T2T). Returns the result JSON."""
         return self.play(Task.T2T, None, text, language, conditions, num_candidates, mode, adapter,
-                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
 
     # ---------------------------------------------------------------- helpers
     def draw_conditions(self, language, num_candidates, text=""):
@@ -468,8 +473,8 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
                      repetition, seed]
     outputs = [result] + outputs_extra
 
-    def fresh(*args):  # Regenerate: same inputs, new random seed
-        return handler(*args[:-1], None)
+    def fresh(*args, progress=gr.Progress()):  # Regenerate: same inputs, new random seed
+        return handler(*args[:-1], None, progress=progress)
 
     def show(result_value):  # human view of a result: the cards, and the download button once a meme exists
         return (render_cards(result_value),) + ((gr.DownloadButton(visible=True),) if outputs_extra else ())

@@ -53,6 +53,16 @@ def test_upload_condition_generate_shows_candidates_and_meme(page, artifacts):
     expect(page.locator("#i2t-download")).to_be_visible()
     page.screenshot(path=str(artifacts / "ui-browser-i2t.png"), full_page=True)
 
+    first_text = page.locator("#i2t-cards .clot-text").first.inner_text()
+    page.locator("#i2t-regenerate").click()  # same inputs, a new random seed: new answers
+    expect(page.locator("#i2t-cards .clot-text").first).not_to_have_text(first_text, timeout=60_000)
+    expect(page.locator("#i2t-cards .clot-candidate")).to_have_count(4)
+
+    page.locator("#i2t-clear").click()
+    expect(page.locator("#i2t-cards .clot-candidate")).to_have_count(0, timeout=20_000)
+    expect(page.locator("#i2t-conditions textarea")).to_have_value("")
+    expect(page.locator("#i2t-download")).to_be_hidden()
+
 
 def test_an_error_shows_as_a_message_and_the_page_keeps_working(page, artifacts):
     from playwright.sync_api import expect
