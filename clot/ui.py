@@ -119,29 +119,28 @@ def open_image(path) -> Image.Image:
     return image
 
 
-def _guarded(base: type, message: str) -> type:
-    """`base` with a clear, labelled gr.Error when an HTTP caller sends a value it cannot take
-    (gradio checks bounds and choices before our code runs, and its messages do not name the input)."""
+def guarded(component: gr.components.Component, message: str):
+    """`component`, answering a value it cannot take with a clear gr.Error that names it.
 
-    class Guarded(base):
-        is_template = True  # rendered by the frontend exactly as `base`
+    Gradio checks bounds and choices before our code runs, and its messages do not say which input
+    was wrong; HTTP callers can send anything. (Patched on the instance: a Component subclass would
+    make gradio write a .pyi stub next to this module.)"""
+    original = component.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except gr.Error as err:
-                raise gr.Error(f"{self.label}: {err.message}", print_exception=False) from None
-            except Exception:
-                raise gr.Error(f"{self.label}: {message}", print_exception=False) from None
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error as err:
+            raise gr.Error(f"{component.label}: {err.message}", print_exception=False) from None
+        except Exception:
+            raise gr.Error(f"{component.label}: {message}", print_exception=False) from None
 
-    Guarded.__name__ = Guarded.__qualname__ = f"Checked{base.__name__}"
-    return Guarded
+    component.preprocess = preprocess
+    return component
 
 
-PhotoInput = _guarded(gr.Image, "the file is not an image that can be read; please upload a PNG, JPEG, WebP or GIF.")
-NumberSlider = _guarded(gr.Slider, "must be a number.")
-NumberBox = _guarded(gr.Number, "must be a number or empty.")
-ChoiceRadio = _guarded(gr.Radio, "not one of the choices.")
+NOT_AN_IMAGE = "the file is not an image that can be read; please upload a PNG, JPEG, WebP or GIF."
+NOT_A_NUMBER = "must be a number."
 
 
 # ------------------------------------------------------------------ results
@@ -423,7 +422,7 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
         with gr.Column(scale=1):
             image = text = None
             if task.needs_image:
-                image = PhotoInput(type="filepath", label="Image", sources=["upload", "clipboard"], height=300,
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=300,
                                  elem_id=f"{key}-image")
             if task is Task.IT2T:
                 text = gr.Textbox(label="Text (optional)", lines=2, elem_id=f"{key}-text",
@@ -432,27 +431,27 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
                 text = gr.Textbox(label="Question", lines=2, elem_id=f"{key}-text",
                                   placeholder="e.g. What is the worst thing to say at a job interview?")
             with gr.Row():
-                language = ChoiceRadio(LANGUAGES, value="auto", label="Language",
-                                       info="auto: from the text (English when there is none)")
-                mode = ChoiceRadio(MODES, value="CLoT", label="Mode",
+                language = gr.Radio(LANGUAGES, value="auto", label="Language",
+                                    info="auto: from the text (English when there is none)")
+                mode = gr.Radio(MODES, value="CLoT", label="Mode",
                                 info="CLoT: rank the candidates, keep two, select one. sample: rank only.")
             with gr.Row(equal_height=True):
                 conditions = gr.Textbox(label="Condition words", scale=5, elem_id=f"{key}-conditions",
                                         placeholder="one per candidate, comma-separated; empty = none "
                                                     "(CLoT mode then draws its own)")
                 dice = gr.Button("🎲", scale=0, min_width=56, elem_id=f"{key}-dice")
-            number = NumberSlider(1, MAX_CANDIDATES, value=DEFAULT_CANDIDATES, step=1, label="Candidates")
+            number = gr.Slider(1, MAX_CANDIDATES, value=DEFAULT_CANDIDATES, step=1, label="Candidates")
             with gr.Accordion("Sampling", open=False):
                 limits = Sampling.LIMITS
-                temperature = NumberSlider(*limits["temperature"], value=DEFAULTS.temperature, step=0.01,
+                temperature = gr.Slider(*limits["temperature"], value=DEFAULTS.temperature, step=0.01,
                                         label="Temperature")
-                top_p = NumberSlider(*limits["top_p"], value=DEFAULTS.top_p, step=0.01, label="Top-p")
-                top_k = NumberSlider(*limits["top_k"], value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)")
-                max_new = NumberSlider(*limits["max_new_tokens"], value=DEFAULTS.max_new_tokens, step=1,
+                top_p = gr.Slider(*limits["top_p"], value=DEFAULTS.top_p, step=0.01, label="Top-p")
+                top_k = gr.Slider(*limits["top_k"], value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)")
+                max_new = gr.Slider(*limits["max_new_tokens"], value=DEFAULTS.max_new_tokens, step=1,
                                     label="Max new tokens")
-                repetition = NumberSlider(*limits["repetition_penalty"], value=DEFAULTS.repetition_penalty, step=0.01,
+                repetition = gr.Slider(*limits["repetition_penalty"], value=DEFAULTS.repetition_penalty, step=0.01,
                                        label="Repetition penalty")
-                seed = NumberBox(value=None, label="Seed (empty = random)", minimum=0, maximum=2**32 - 1)
+                seed = gr.Number(value=None, label="Seed (empty = random)", minimum=0, maximum=2**32 - 1)
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id=f"{key}-generate")
                 again = gr.Button("🔁 Regenerate", elem_id=f"{key}-regenerate")
@@ -468,6 +467,13 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
             with gr.Accordion("Result (JSON)", open=False):
                 result = gr.JSON(label="Result")
 
+    if image is not None:
+        guarded(image, NOT_AN_IMAGE)
+    for component in (language, mode):
+        guarded(component, "not one of the choices.")
+    for component in (number, temperature, top_p, top_k, max_new, repetition):
+        guarded(component, NOT_A_NUMBER)
+    guarded(seed, "must be a number or empty.")
     head = [c for c in (image, text) if c is not None]
     inputs = head + [language, conditions, number, mode, adapter, temperature, top_p, top_k, max_new,
                      repetition, seed]

@@ -82,6 +82,7 @@ def test_endpoints_have_stable_names_and_inputs(client):
     assert params["/refresh_adapters"] == ["current"]
     assert params["/switch_adapter"] == ["adapter"]
     assert len(api["/image_to_text"]["returns"]) == 3 and len(api["/text_to_text"]["returns"]) == 1
+    assert not (ROOT / "clot" / "ui.pyi").exists()  # no gradio stub written into the source tree
 
 
 def test_image_to_text_clot_mode(client):
