@@ -1,0 +1,81 @@
+"""CLoT humor studio: the Gradio demo (and the Hugging Face Space's app_file).
+
+    python app.py --tiny                                   # offline smoke run on a tiny random model
+    python app.py --base-model Qwen/Qwen2.5-VL-3B-Instruct --adapters-dir adapters
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"  # kept equal to clot.engine's (tested); --help stays instant
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="CLoT humor studio: play Oogiri with a vision-language model in the browser or over HTTP. "
+                    "Every flag falls back on the environment variable named in its help.")
+    parser.add_argument("--base-model", default=env("CLOT_BASE_MODEL", DEFAULT_BASE_MODEL),
+                        help="base model: a Hugging Face hub id or a local folder (env CLOT_BASE_MODEL; "
+                             "default %(default)s)")
+    parser.add_argument("--adapters-dir", default=env("CLOT_ADAPTERS_DIR", "adapters"),
+                        help="folder of published LoRA adapters, re-read by the Refresh button "
+                             "(env CLOT_ADAPTERS_DIR; default %(default)s)")
+    parser.add_argument("--adapter", default=env("CLOT_ADAPTER"),
+                        help="adapter selected at start; default: the bare base model (env CLOT_ADAPTER)")
+    parser.add_argument("--device", default=env("CLOT_DEVICE", "auto"),
+                        help="auto, cpu, cuda, cuda:N or mps; without a GPU it runs on the CPU, slowly "
+                             "(env CLOT_DEVICE; default %(default)s)")
+    parser.add_argument("--nouns", default=env("CLOT_NOUNS"),
+                        help="noun-set JSON from training for the 🎲 button and CLoT mode; default: the bundled "
+                             "lists in assets/nouns (env CLOT_NOUNS)")
+    parser.add_argument("--host", default=env("CLOT_HOST", env("GRADIO_SERVER_NAME", "127.0.0.1")),
+                        help="address to listen on; 0.0.0.0 for every interface "
+                             "(env CLOT_HOST or GRADIO_SERVER_NAME; default %(default)s)")
+    parser.add_argument("--port", type=int, default=int(env("CLOT_PORT", env("GRADIO_SERVER_PORT", "7860"))),
+                        help="port (env CLOT_PORT or GRADIO_SERVER_PORT; default %(default)s)")
+    parser.add_argument("--share", action="store_true", default=env("CLOT_SHARE", "") in ("1", "true", "yes"),
+                        help="also open a temporary public gradio.live link (env CLOT_SHARE=1)")
+    parser.add_argument("--queue-size", type=int, default=int(env("CLOT_QUEUE_SIZE", "32")),
+                        help="requests allowed to wait in the queue before new ones are turned away "
+                             "(env CLOT_QUEUE_SIZE; default %(default)s)")
+    parser.add_argument("--tiny", action="store_true", default=env("CLOT_TINY", "") in ("1", "true", "yes"),
+                        help="ignore --base-model and use a tiny random-weight model built offline in seconds: "
+                             "a smoke test of the whole app, its answers are gibberish (env CLOT_TINY=1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Heavy imports after parsing; clot.ui imports `spaces` (when installed) before the engine touches CUDA.
+    import gradio as gr
+
+    from clot.ui import build_demo
+    from clot.engine import Engine
+    from clot.tasks import ClotError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    base_model = args.base_model
+    if args.tiny:
+        from clot import tiny
+
+        base_model = str(tiny.build())
+    try:
+        engine = Engine.load(base_model, adapters_dir=args.adapters_dir, device=args.device, adapter=args.adapter)
+    except ClotError as err:  # a wrong id, no hub access, a bad adapter: one sentence, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    demo = build_demo(engine, nouns_path=args.nouns)
+    demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()

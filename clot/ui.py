@@ -1,0 +1,504 @@
+"""The Gradio demo: three Oogiri tabs over one engine, with condition words, CLoT mode, adapters and memes.
+
+    from clot.ui import build_demo
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1).launch()
+
+HTTP endpoints (stable api_names, callable with gradio_client; *common = language, conditions,
+num_candidates, mode, adapter, temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed):
+    /image_to_text       (image, *common)        -> (result, meme PNG, meme PNG for download)
+    /image_text_to_text  (image, text, *common)  -> (result, meme PNG, meme PNG for download)
+    /text_to_text        (text, *common)         -> result
+    /draw_conditions     (language, num_candidates, text) -> "word, word, …"
+    /refresh_adapters    (current adapter) -> (adapter picker, adapter cards table)
+    /switch_adapter      (adapter) -> its card (Markdown)
+Every input is validated here too, because the HTTP API bypasses the sliders.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import random
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+# ZeroGPU on a Space: only GPU-decorated functions get a GPU, and `spaces` must be imported before
+# anything touches CUDA, hence before the engine. Elsewhere spaces.GPU returns the function unchanged.
+try:
+    import spaces
+
+    gpu = spaces.GPU(duration=120)
+except ImportError:
+    def gpu(fn):
+        return fn
+
+from clot import adapters as registry  # noqa: E402
+from clot import meme, prompts  # noqa: E402
+from clot.engine import Engine, prepare_image  # noqa: E402
+from clot.nouns import draw_conditions, load_nouns  # noqa: E402
+from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "assets" / "examples"
+LANGUAGES = ["auto", "en", "zh", "ja"]
+MODES = ["CLoT", "sample"]
+MAX_CANDIDATES = len(prompts.LETTERS)  # the ranking question letters its options A–H
+DEFAULT_CANDIDATES = 4
+MAX_IMAGE_SIDE = 2048  # larger photos are scaled down first; the model sees far fewer pixels anyway
+MAX_ASPECT = 50
+MEME_TTL_S = 3600  # meme files older than this are deleted
+DEFAULTS = Sampling()
+_SPLIT_WORDS = re.compile(r"[,，、;；\n]+")
+
+CARD_HEADERS = ["adapter", "stage", "round", "base model", "created", "evaluation"]
+
+
+# ------------------------------------------------------------------ input checks
+def _number(name: str, value, *, whole: bool = False, optional: bool = False):
+    """A finite number (whole if asked); the HTTP API can send anything, sliders cannot."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ClotError(f"{name} must be a finite number, got {value!r}.")
+    if whole:
+        if value != int(value):
+            raise ClotError(f"{name} must be a whole number, got {value!r}.")
+        return int(value)
+    return float(value)
+
+
+def _choice(name: str, value, options: list[str]) -> str:
+    if value not in options:
+        raise ClotError(f"{name} must be one of {', '.join(options)}; got {value!r}.")
+    return value
+
+
+def _text(name: str, value) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ClotError(f"{name} must be text, got {type(value).__name__}.")
+    return value
+
+
+def split_words(text: str) -> list[str]:
+    """Condition words typed by a user: separated by commas (any script), semicolons or new lines."""
+    return [w.strip() for w in _SPLIT_WORDS.split(text or "") if w.strip()]
+
+
+def open_image(path) -> Image.Image:
+    """An uploaded file as an RGB image, with a clear message for anything unusable."""
+    if path is None or path == "":
+        raise ClotError("This tab needs an image: please upload one.")
+    if not isinstance(path, (str, Path)):
+        raise ClotError("The image must be an uploaded file.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            image = prepare_image(img)
+    except Image.DecompressionBombError:
+        raise ClotError("The image has too many pixels: please upload a smaller one.") from None
+    except (OSError, SyntaxError, ValueError):
+        raise ClotError("The file is not an image that can be read: please upload a PNG, JPEG, WebP or GIF.") from None
+    width, height = image.size
+    if min(width, height) < 8 or max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ClotError(f"The image is {width}×{height} pixels: use one at least 8 pixels on each side "
+                        f"and at most {MAX_ASPECT} times wider than tall.")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    return image
+
+
+def guarded(component: gr.components.Component, message: str):
+    """`component`, answering a value it cannot take with a clear gr.Error that names it.
+
+    Gradio checks bounds and choices before our code runs, and its messages do not say which input
+    was wrong; HTTP callers can send anything. (Patched on the instance: a Component subclass would
+    make gradio write a .pyi stub next to this module.)"""
+    original = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error as err:
+            raise gr.Error(f"{component.label}: {err.message}", print_exception=False) from None
+        except Exception:
+            raise gr.Error(f"{component.label}: {message}", print_exception=False) from None
+
+    component.preprocess = preprocess
+    return component
+
+
+NOT_AN_IMAGE = "the file is not an image that can be read; please upload a PNG, JPEG, WebP or GIF."
+NOT_A_NUMBER = "must be a number."
+
+
+# ------------------------------------------------------------------ results
+def result_dict(request: Request, mode: str, adapter: str, candidates: list[Candidate]) -> dict:
+    """What API users get: candidates sorted by the model's rank score, the chosen one marked."""
+    order = sorted(range(len(candidates)), key=lambda i: -(candidates[i].rank_score or 0.0))
+    rows = [dict(rank=place + 1, **candidates[i].to_dict()) for place, i in enumerate(order)]
+    chosen = next(row for row in rows if row["chosen"])
+    return {
+        "task": request.task.value, "language": request.language.value, "mode": mode, "adapter": adapter,
+        "question": request.text, "seed": request.sampling.seed, "answer": chosen["text"], "candidates": rows,
+    }
+
+
+def render_cards(result: dict | None) -> str:
+    """The candidates as cards, best first, the chosen one highlighted (inline styles: no app CSS needed)."""
+    if not result:
+        return ""
+    cards = []
+    for row in result["candidates"]:
+        scores = f"rank score {row['rank_score']:.3f}" if row["rank_score"] is not None else ""
+        if row["select_score"] is not None:
+            scores += f" · select score {row['select_score']:.3f}"
+        condition = (f"<span style='border:1px solid currentColor;border-radius:9px;padding:0 6px;opacity:.8'>"
+                     f"{html.escape(row['condition'])}</span>") if row["condition"] else ""
+        style = ("border:2px solid #f59e0b;background:rgba(245,158,11,.14)" if row["chosen"]
+                 else "border:1px solid rgba(128,128,128,.35)")
+        badge = "<b style='color:#d97706'>★ chosen</b>" if row["chosen"] else ""
+        cards.append(
+            f"<div class='clot-candidate{' clot-chosen' if row['chosen'] else ''}' "
+            f"style='{style};border-radius:10px;padding:10px 12px;margin:6px 0'>"
+            f"<div style='font-size:.85em;opacity:.75;display:flex;gap:8px;flex-wrap:wrap'>"
+            f"<b>#{row['rank']}</b>{badge}{condition}<span>{scores}</span></div>"
+            f"<div class='clot-text' style='font-size:1.1em;margin-top:4px;white-space:pre-wrap'>"
+            f"{html.escape(row['text'])}</div></div>")
+    head = (f"<div style='font-size:.85em;opacity:.7'>{len(result['candidates'])} candidates · mode {result['mode']}"
+            f" · adapter {html.escape(result['adapter'])} · seed {result['seed']}</div>")
+    return f"<div id='clot-results'>{head}{''.join(cards)}</div>"
+
+
+class MemeStore:
+    """A private temp folder for meme PNGs; files older than MEME_TTL_S are removed as new ones arrive."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="clot-memes-"))
+
+    def save(self, image: Image.Image) -> str:
+        cutoff = time.time() - MEME_TTL_S
+        for old in self.folder.glob("*.png"):
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+        return str(meme.save_png(image, self.folder / f"clot-meme-{uuid.uuid4().hex[:12]}.png"))
+
+
+# ------------------------------------------------------------------ the app
+class Studio:
+    """The demo's server side: validation, the GPU-bound call, and adapter listing, over one engine."""
+
+    def __init__(self, engine: Engine, nouns_path: str | Path | None = None):
+        self.engine = engine
+        self.nouns_path = nouns_path
+        self.memes = MemeStore()
+        # On ZeroGPU the decorated call runs in a forked worker that receives its arguments pickled:
+        # wrap the bound method so only the request, mode and adapter name travel, never the engine.
+        self.run = gpu(self._run)
+
+    # ---------------------------------------------------------------- requests
+    def build_request(self, task: Task, image, text, language, conditions, num_candidates, mode, adapter,
+                      temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed) -> tuple:
+        language = _choice("language", language, LANGUAGES)
+        mode = _choice("mode", mode, MODES)
+        adapter = _text("adapter", adapter) or registry.BASE
+        seed = _number("seed", seed, whole=True, optional=True)
+        sampling = Sampling(
+            temperature=_number("temperature", temperature), top_p=_number("top_p", top_p),
+            top_k=_number("top_k", top_k, whole=True),
+            max_new_tokens=_number("max_new_tokens", max_new_tokens, whole=True),
+            repetition_penalty=_number("repetition_penalty", repetition_penalty),
+            seed=random.randrange(2**32) if seed is None else seed,  # always known, so a result can be reproduced
+        )
+        num_candidates = _number("num_candidates", num_candidates, whole=True)
+        if not 1 <= num_candidates <= MAX_CANDIDATES:
+            raise ClotError(f"The number of candidates must be between 1 and {MAX_CANDIDATES}, got {num_candidates}.")
+        request = Request(
+            task=task, image=open_image(image) if task.needs_image else None, text=_text("text", text),
+            language=language, conditions=split_words(_text("conditions", conditions)),
+            num_candidates=num_candidates, sampling=sampling,
+        )
+        return request.validate(), mode, adapter
+
+    def play(self, task: Task, *args, progress=gr.Progress()) -> tuple:
+        """One tab's generation, with every user-caused error turned into a gr.Error."""
+        try:
+            request, mode, adapter = self.build_request(task, *args)
+            steps = "writing, ranking and selecting" if mode == "CLoT" else "writing and ranking"
+            progress(0.05, desc=f"{request.num_candidates} candidates: {steps}…")
+            candidates = self.run(request, mode, adapter)
+            result = result_dict(request, mode, adapter, candidates)
+            if not task.needs_image:
+                return result
+            # An image with a blank usually carries its sentence at the bottom: keep it visible.
+            position = "top" if task is Task.IT2T else "bottom"
+            path = self.memes.save(meme.render(request.image, result["answer"], position))
+            return result, path, path
+        except ClotError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception as err:  # never a raw traceback to users; the server keeps serving
+            log.exception("Generation failed")
+            raise gr.Error(f"Generation failed ({type(err).__name__}); please try again or change the settings.",
+                           print_exception=False) from None
+
+    def _run(self, request: Request, mode: str, adapter: str) -> list[Candidate]:
+        """The GPU-bound part: generate, then let the model rank (and in CLoT mode, select) its own answers."""
+        engine = self.engine
+        with engine.lock:  # one adapter for the whole job, whatever other users pick meanwhile
+            if mode == "CLoT":
+                nouns = load_nouns(request.language, self.nouns_path)
+                candidates = engine.clot(request, nouns=nouns, rng=random.Random(request.sampling.seed),
+                                         adapter=adapter).candidates
+            else:
+                candidates = engine.generate(request, adapter=adapter)
+                if len(candidates) > 1:  # the ranking question needs at least two options
+                    scores = engine.rank(request.task, request.language, [c.text for c in candidates],
+                                         image=request.image, question=request.text, adapter=adapter)
+                    for candidate, score in zip(candidates, scores):
+                        candidate.rank_score = score
+                max(candidates, key=lambda c: c.rank_score or 0.0).chosen = True
+        if len(candidates) == 1:  # a lone answer is trivially the top-ranked one
+            candidates[0].rank_score = 1.0
+        return candidates
+
+    # ---------------------------------------------------------------- the three tabs (the public API)
+    def image_to_text(self, image, language, conditions, num_candidates, mode, adapter,
+                      temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                      progress=gr.Progress()):
+        """Caption a photo (I2T). Returns (result JSON, meme PNG, meme PNG for download)."""
+        return self.play(Task.I2T, image, "", language, conditions, num_candidates, mode, adapter,
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
+
+    def image_text_to_text(self, image, text, language, conditions, num_candidates, mode, adapter,
+                           temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                           progress=gr.Progress()):
+        """Fill the blank in an image, or answer a question about it (IT2T). Returns (result JSON, meme, download)."""
+        return self.play(Task.IT2T, image, text, language, conditions, num_candidates, mode, adapter,
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
+
+    def text_to_text(self, text, language, conditions, num_candidates, mode, adapter,
+                     temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                     progress=gr.Progress()):
+        """Answer a question (T2T). Returns the result JSON."""
+        return self.play(Task.T2T, None, text, language, conditions, num_candidates, mode, adapter,
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
+
+    # ---------------------------------------------------------------- helpers
+    def draw_conditions(self, language, num_candidates, text=""):
+        """Weak, remote condition words: one uniform noun of the noun set per candidate, comma-separated."""
+        try:
+            language = _choice("language", language, LANGUAGES)
+            n = _number("num_candidates", num_candidates, whole=True)
+            if not 1 <= n <= MAX_CANDIDATES:
+                raise ClotError(f"The number of candidates must be between 1 and {MAX_CANDIDATES}, got {n}.")
+            lang = Language.parse(language, _text("text", text))
+            return ", ".join(draw_conditions(load_nouns(lang, self.nouns_path), n, rho=0.0))
+        except ClotError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
+    def adapter_choices(self) -> list[tuple[str, str]]:
+        choices = [(f"base · {self.engine.base_model} (no adapter)", registry.BASE)]
+        for info in self.engine.list_adapters():
+            card = info.card
+            choices.append((f"{info.name} · stage {card.get('stage', '?')}, round {card.get('round', 0)}", info.name))
+        return choices
+
+    def adapter_rows(self) -> list[list[str]]:
+        rows = [[registry.BASE, "", "", self.engine.base_model, "", ""]]
+        for info in self.engine.list_adapters():
+            card = info.card
+            metrics = card.get("metrics") or {}
+            evaluation = ", ".join(f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                   for k, v in metrics.items())
+            rows.append([info.name, str(card.get("stage", "?")), str(card.get("round", 0)),
+                         str(card.get("base_model", "?")), str(card.get("created", ""))[:16].replace("T", " "),
+                         evaluation])
+        return rows
+
+    def refresh_adapters(self, current=registry.BASE):
+        """Re-read the adapters folder: adapters published while the app runs appear here."""
+        choices = self.adapter_choices()
+        value = current if current in [v for _, v in choices] else registry.BASE
+        return gr.Dropdown(choices=choices, value=value), self.adapter_rows()
+
+    def switch_adapter(self, adapter):
+        """Load and check an adapter now (errors show at once), and describe it. Requests still name their adapter."""
+        try:
+            name = _text("adapter", adapter) or registry.BASE
+            self.engine.use_adapter(name)
+        except ClotError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        if name == registry.BASE:
+            return f"**base**: the bare base model `{self.engine.base_model}`, no adapter."
+        info = next(i for i in self.engine.list_adapters() if i.name == name)
+        return f"**{name}**: {info.summary()}"
+
+
+# ------------------------------------------------------------------ examples (written for this project)
+def _example(name: str) -> str:
+    return str(EXAMPLES / name)
+
+
+I2T_EXAMPLES = [
+    [_example("cat.jpg"), "en", ""],
+    [_example("rocket.jpg"), "en", "umbrella"],
+    [_example("astronaut.jpg"), "zh", "外卖"],
+    [_example("coffee.jpg"), "zh", ""],
+    [_example("cat.jpg"), "ja", "こたつ"],
+    [_example("astronaut.jpg"), "ja", ""],
+]
+IT2T_EXAMPLES = [
+    [_example("blank_en.jpg"), "", "en", ""],
+    [_example("astronaut.jpg"), "What is she really thinking about up there?", "en", ""],
+    [_example("blank_zh.jpg"), "", "zh", ""],
+    [_example("cat.jpg"), "这只猫为什么一脸严肃？", "zh", "房租"],
+    [_example("blank_ja.jpg"), "", "ja", ""],
+    [_example("coffee.jpg"), "このコーヒーを一口飲んだ社長の一言とは？", "ja", ""],
+]
+T2T_EXAMPLES = [
+    ["What is the worst thing to say at a job interview?", "en", ""],
+    ["Invent an Olympic sport that nobody would watch.", "en", "spoon"],
+    ["如果猫会说话，它对主人说的第一句话是什么？", "zh", ""],
+    ["世界上最没用的发明是什么？", "zh", "雨伞"],
+    ["こんな美容院は嫌だ。どんな美容院？", "ja", ""],
+    ["宇宙人が地球に来て最初にがっかりしたことは？", "ja", "おにぎり"],
+]
+
+INTRO = """# 🎭 CLoT humor studio
+Play **Oogiri** (大喜利) with a vision-language model: give it a photo, a picture with a blank, or a question,
+and it answers with something funny. **CLoT mode** (Creative Leap-of-Thought) writes one answer per weak
+condition word, ranks them itself, keeps the top two and picks the better one; **sample** mode just samples
+and shows the model's own ranking."""
+
+
+def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: str = "CLoT humor studio") -> gr.Blocks:
+    """The whole app as gr.Blocks; the caller queues and launches it (see app.py)."""
+    studio = Studio(engine, nouns_path)
+    initial = engine.active_adapter
+    gpu_work = dict(concurrency_id="gpu", concurrency_limit=1)  # all model work shares one slot
+
+    with gr.Blocks(title=title, delete_cache=(MEME_TTL_S, MEME_TTL_S)) as demo:
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=True):
+            adapter = gr.Dropdown(choices=studio.adapter_choices(), value=initial, label="Adapter",
+                                  info="The bare base model, or a LoRA adapter from the adapters folder.",
+                                  allow_custom_value=True, scale=5, elem_id="adapter")
+            refresh = gr.Button("🔄 Refresh adapters", scale=1, elem_id="refresh-adapters")
+        adapter_card = gr.Markdown(studio.switch_adapter(initial))
+        with gr.Accordion("Adapter cards", open=False):
+            adapter_table = gr.Dataframe(value=studio.adapter_rows(), headers=CARD_HEADERS, interactive=False,
+                                         wrap=True)
+
+        tabs = [
+            ("Image → Text", "i2t", Task.I2T, studio.image_to_text, "image_to_text", I2T_EXAMPLES),
+            ("Image + Text → Text", "it2t", Task.IT2T, studio.image_text_to_text, "image_text_to_text",
+             IT2T_EXAMPLES),
+            ("Text → Text", "t2t", Task.T2T, studio.text_to_text, "text_to_text", T2T_EXAMPLES),
+        ]
+        for label, key, task, handler, api_name, examples in tabs:
+            with gr.Tab(label, id=key):
+                _tab(studio, key, task, handler, api_name, examples, adapter, gpu_work=gpu_work)
+
+        refresh.click(studio.refresh_adapters, [adapter], [adapter, adapter_table], api_name="refresh_adapters")
+        adapter.change(studio.switch_adapter, [adapter], [adapter_card], api_name="switch_adapter", **gpu_work)
+    return demo
+
+
+def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples: list, adapter: gr.Dropdown,
+         *, gpu_work: dict) -> None:
+    """One tab: inputs, the sampling accordion, buttons, outputs, examples, and their events."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = text = None
+            if task.needs_image:
+                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=300,
+                                 elem_id=f"{key}-image")
+            if task is Task.IT2T:
+                text = gr.Textbox(label="Text (optional)", lines=2, elem_id=f"{key}-text",
+                                  placeholder="The sentence with the blank, or a question about the image")
+            elif task is Task.T2T:
+                text = gr.Textbox(label="Question", lines=2, elem_id=f"{key}-text",
+                                  placeholder="e.g. What is the worst thing to say at a job interview?")
+            with gr.Row():
+                language = gr.Radio(LANGUAGES, value="auto", label="Language",
+                                    info="auto: from the text (English when there is none)")
+                mode = gr.Radio(MODES, value="CLoT", label="Mode",
+                                info="CLoT: rank the candidates, keep two, select one. sample: rank only.")
+            with gr.Row(equal_height=True):
+                conditions = gr.Textbox(label="Condition words", scale=5, elem_id=f"{key}-conditions",
+                                        placeholder="one per candidate, comma-separated; empty = none "
+                                                    "(CLoT mode then draws its own)")
+                dice = gr.Button("🎲", scale=0, min_width=56, elem_id=f"{key}-dice")
+            number = gr.Slider(1, MAX_CANDIDATES, value=DEFAULT_CANDIDATES, step=1, label="Candidates")
+            with gr.Accordion("Sampling", open=False):
+                limits = Sampling.LIMITS
+                temperature = gr.Slider(*limits["temperature"], value=DEFAULTS.temperature, step=0.01,
+                                        label="Temperature")
+                top_p = gr.Slider(*limits["top_p"], value=DEFAULTS.top_p, step=0.01, label="Top-p")
+                top_k = gr.Slider(*limits["top_k"], value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)")
+                max_new = gr.Slider(*limits["max_new_tokens"], value=DEFAULTS.max_new_tokens, step=1,
+                                    label="Max new tokens")
+                repetition = gr.Slider(*limits["repetition_penalty"], value=DEFAULTS.repetition_penalty, step=0.01,
+                                       label="Repetition penalty")
+                seed = gr.Number(value=None, label="Seed (empty = random)", minimum=0, maximum=2**32 - 1)
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary", elem_id=f"{key}-generate")
+                again = gr.Button("🔁 Regenerate", elem_id=f"{key}-regenerate")
+                clear = gr.Button("Clear", elem_id=f"{key}-clear")
+        with gr.Column(scale=1):
+            cards = gr.HTML(elem_id=f"{key}-cards")
+            outputs_extra = []
+            if task.needs_image:
+                meme_image = gr.Image(label="Meme", format="png", interactive=False, elem_id=f"{key}-meme",
+                                      buttons=["download", "fullscreen"])
+                download = gr.DownloadButton("⬇️ Download meme (PNG)", visible=False, elem_id=f"{key}-download")
+                outputs_extra = [meme_image, download]
+            with gr.Accordion("Result (JSON)", open=False):
+                result = gr.JSON(label="Result")
+
+    if image is not None:
+        guarded(image, NOT_AN_IMAGE)
+    for component in (language, mode):
+        guarded(component, "not one of the choices.")
+    for component in (number, temperature, top_p, top_k, max_new, repetition):
+        guarded(component, NOT_A_NUMBER)
+    guarded(seed, "must be a number or empty.")
+    head = [c for c in (image, text) if c is not None]
+    inputs = head + [language, conditions, number, mode, adapter, temperature, top_p, top_k, max_new,
+                     repetition, seed]
+    outputs = [result] + outputs_extra
+
+    def fresh(*args, progress=gr.Progress()):  # Regenerate: same inputs, new random seed
+        return handler(*args[:-1], None, progress=progress)
+
+    def show(result_value):  # human view of a result: the cards, and the download button once a meme exists
+        return (render_cards(result_value),) + ((gr.DownloadButton(visible=True),) if outputs_extra else ())
+
+    shown = [cards] + outputs_extra[1:]
+    go.click(handler, inputs, outputs, api_name=api_name, **gpu_work).success(
+        show, result, shown, api_visibility="private")
+    again.click(fresh, inputs, outputs, api_visibility="private", **gpu_work).success(
+        show, result, shown, api_visibility="private")
+    dice_inputs = [language, number] + ([text] if text is not None else [])
+    if task is Task.T2T:  # the public endpoint takes the question too, for language "auto"
+        dice.click(studio.draw_conditions, dice_inputs, conditions, api_name="draw_conditions")
+    else:
+        dice.click(studio.draw_conditions, dice_inputs, conditions, api_name=f"draw_conditions_{key}",
+                   api_visibility="private")
+
+    cleared = head + [conditions, result, cards] + outputs_extra
+    clear.click(lambda: [None] * len(head) + ["", None, ""] + ([None, gr.DownloadButton(visible=False)]
+                                                                  if outputs_extra else []),
+                None, cleared, api_visibility="private")
+    gr.Examples(examples, head + [language, conditions], label="Examples (en · zh · ja)", examples_per_page=6)

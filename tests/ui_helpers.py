@@ -1,0 +1,32 @@
+"""Launching the demo in-process for the app and browser tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_demo(tiny_dir: Path, adapters_dir: Path):
+    """The app on the tiny model, its own engine and adapters folder, served on a free local port."""
+    from clot.engine import Engine
+    from clot.ui import build_demo
+
+    engine = Engine.load(str(tiny_dir), adapters_dir=adapters_dir, device="cpu")
+    demo = build_demo(engine)
+    demo.queue(default_concurrency_limit=1, max_size=16)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                            quiet=True)
+    try:
+        yield engine, url
+    finally:
+        demo.close()
