@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from clot import adapters as registry
 from clot import prompts
 from clot.nouns import draw_conditions, load_nouns
-from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task
+from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,11 @@ def prepare_image(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
+
+
+def clean_answer(text: str) -> str:
+    """Generated text without control characters or undecodable bytes (U+FFFD)."""
+    return clean_text(text.replace("\ufffd", ""))
 
 
 @dataclass
@@ -307,7 +312,7 @@ class Engine:
                                top_k=sampling.top_k)
             output = self.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return [clean_answer(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def _prefill_shared_prefix(self, turns: list[Turn], inputs) -> dict:
         """Run the prompt part that every row shares (system turn, image, instruction start) once,
@@ -423,6 +428,8 @@ class Engine:
     def rank(self, task: Task | str, lang: Language | str, answers: list[str], image: Image.Image | None = None,
              question: str = "", adapter: str | None = None) -> list[float]:
         """The ranking question of METHOD.md §3: each answer's probability of being ranked funniest."""
+        if len(answers) == 1:
+            return [1.0]
         return self.score([Choice("rank", Task.parse(task), Language.parse(lang), answers, image, question)],
                           adapter=adapter)[0]
 
@@ -437,8 +444,8 @@ class Engine:
              rng: random.Random | None = None, adapter: str | None = None) -> ClotResult:
         """METHOD.md §5: n weak conditions → n answers → rank → keep the top 2 → select one.
 
-        Condition words typed by the user are kept; when none are given, each candidate gets a
-        uniform noun of the noun set, or none with probability rho."""
+        Condition words typed by the user are kept (candidates beyond them get no condition); when
+        none are given, each candidate gets a uniform noun of the noun set, or none with probability rho."""
         request.validate()
         n = request.num_candidates
         if n > len(prompts.LETTERS):
@@ -453,6 +460,7 @@ class Engine:
             candidates = self.generate(request)
             common = dict(task=request.task, lang=request.language, image=request.image, question=request.text)
             if n == 1:
+                candidates[0].rank_score = candidates[0].select_score = 1.0
                 candidates[0].chosen = True
                 return ClotResult(candidates, 0, [0])
             rank_scores = self.score([Choice("rank", options=[c.text for c in candidates], **common)])[0]

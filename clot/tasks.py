@@ -97,7 +97,8 @@ class Sampling:
             if not low <= value <= high:
                 raise ClotError(f"{name} must be between {low} and {high}, got {value!r}.")
         if self.seed is not None:
-            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, float)) or float(self.seed) != int(self.seed):
+            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, float)) \
+                    or (isinstance(self.seed, float) and not math.isfinite(self.seed)) or float(self.seed) != int(self.seed):
                 raise ClotError(f"seed must be a whole number or empty, got {self.seed!r}.")
             self.seed = int(self.seed)
             if not 0 <= self.seed < 2**32:

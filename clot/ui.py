@@ -262,14 +262,11 @@ class Studio:
                                          adapter=adapter).candidates
             else:
                 candidates = engine.generate(request, adapter=adapter)
-                if len(candidates) > 1:  # the ranking question needs at least two options
-                    scores = engine.rank(request.task, request.language, [c.text for c in candidates],
-                                         image=request.image, question=request.text, adapter=adapter)
-                    for candidate, score in zip(candidates, scores):
-                        candidate.rank_score = score
-                max(candidates, key=lambda c: c.rank_score or 0.0).chosen = True
-        if len(candidates) == 1:  # a lone answer is trivially the top-ranked one
-            candidates[0].rank_score = 1.0
+                scores = engine.rank(request.task, request.language, [c.text for c in candidates],
+                                     image=request.image, question=request.text, adapter=adapter)
+                for candidate, score in zip(candidates, scores):
+                    candidate.rank_score = score
+                max(candidates, key=lambda c: c.rank_score).chosen = True
         return candidates
 
     # ---------------------------------------------------------------- the three tabs (the public API)
