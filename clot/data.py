@@ -182,6 +182,12 @@ class OogiriGO:
         return digest.hexdigest()[:16]
 
 
+def image_store(folder: str | Path) -> ImageStore:
+    """The images of a dataset folder: its images.zip, or an extracted images/ folder."""
+    folder = Path(folder)
+    return ImageStore(folder / "images.zip" if (folder / "images.zip").is_file() else folder / "images")
+
+
 def locate(data: str | Path) -> Path:
     """A local folder in the official layout, or the hub dataset (its id, or "hub") downloaded once."""
     path = Path(data)
@@ -254,8 +260,7 @@ def load(data: str | Path, *, strict: bool = False, require_star: bool = False,
     Bad rows are skipped and counted by reason; with `strict` the first one stops loading with
     its file and line. Rows without likes are kept with star None unless `require_star`."""
     folder = locate(data)
-    image_source = folder / "images.zip" if (folder / "images.zip").is_file() else folder / "images"
-    images = ImageStore(image_source)
+    images = image_store(folder)
     wanted = {Language.parse(code) for code in languages} if languages else set(FILES.values())
     report = LoadReport()
     samples: list[Sample] = []
