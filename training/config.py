@@ -62,7 +62,20 @@ def load_config(cls: type[T], path: str | Path | None, section: str, overrides: 
     unknown = sorted(set(data) - known)
     if unknown:
         raise ClotError(f"Unknown setting(s) {', '.join(unknown)} for {section}; known: {', '.join(sorted(known))}.")
-    return cls(**data)
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    return cls(**{key: _coerce(key, value, types[key]) for key, value in data.items()})
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """YAML reads 1e-5 as a string (1.0e-5 is a float): convert numbers to the declared type."""
+    try:
+        if kind == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ClotError(f"Setting {key} must be a number, got {value!r}.") from None
+    return value
 
 
 def resolve_base_model(name: str) -> str:
