@@ -104,12 +104,16 @@ class LiteralWriter:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.cache: dict[str, str] = {}
+        self._image_keys: dict[tuple[str, Language], str] = {}
         if self.cache_path.is_file():
             self.cache = json.loads(self.cache_path.read_text(encoding="utf-8"))
 
     def _image_key(self, image_id: str, lang: Language) -> str:
-        content = hashlib.sha256(self.images.read_bytes(image_id)).hexdigest()
-        return _hash(self.model_id, "describe", lang.value, content)
+        """Keyed by the picture's bytes, not its id, so another dataset's image 123 is not confused."""
+        if (image_id, lang) not in self._image_keys:
+            content = hashlib.sha256(self.images.read_bytes(image_id)).hexdigest()
+            self._image_keys[image_id, lang] = _hash(self.model_id, "describe", lang.value, content)
+        return self._image_keys[image_id, lang]
 
     def _rewrite_key(self, answer: oogiri.Sample) -> str:
         return _hash(self.model_id, "rewrite", answer.lang.value, answer.question or "", answer.text)
@@ -188,8 +192,13 @@ class Builder:
         self.settings = settings
         self.writer = writer
         self.rng = rng
-        self.pool = pool
         self.records: list[dict] = []
+        # Answers to draw distractors from, indexed once: same language and task, same language, any.
+        self.tiers: dict[object, list[tuple[str, str]]] = collections.defaultdict(list)
+        for p in pool:
+            for a in p.answers:
+                for key in ((p.lang, p.task), p.lang, None):
+                    self.tiers[key].append((p.id, a.text))
 
     def _record(self, kind: str, p: oogiri.Prompt, user: str, answer: str) -> None:
         self.records.append({"id": f"{p.id}-{kind}-{len(self.records)}", "kind": kind, "task": p.task.value,
@@ -197,18 +206,16 @@ class Builder:
                              "answer": answer})
 
     def other_answers(self, p: oogiri.Prompt, count: int, avoid: set[str]) -> list[str]:
-        """Human answers to other prompts: same language and task first, then same language, then any."""
-        tiers = [[q for q in self.pool if q.id != p.id and q.lang == p.lang and q.task == p.task],
-                 [q for q in self.pool if q.id != p.id and q.lang == p.lang and q.task != p.task],
-                 [q for q in self.pool if q.id != p.id and q.lang != p.lang]]
+        """Human answers to other prompts: same language and task first, then same language, then any.
+        Random draws with rejection, so the cost does not grow with the size of the dataset."""
         chosen: list[str] = []
-        for tier in tiers:
-            candidates = [a.text for q in tier for a in q.answers if a.text not in avoid]
-            self.rng.shuffle(candidates)
-            for text in candidates:
+        for key in ((p.lang, p.task), p.lang, None):
+            tier = self.tiers.get(key, [])
+            for _ in range(20 * count if tier else 0):
                 if len(chosen) == count:
                     return chosen
-                if text not in chosen:
+                prompt_id, text = self.rng.choice(tier)
+                if prompt_id != p.id and text not in avoid and text not in chosen:
                     chosen.append(text)
         return chosen
 
