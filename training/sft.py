@@ -254,7 +254,9 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
         save_strategy="steps", save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
         eval_strategy="no", report_to=["tensorboard"], label_names=["labels"],
         remove_unused_columns=False, dataloader_num_workers=settings.dataloader_num_workers,
-        gradient_checkpointing=settings.gradient_checkpointing, **precision_flags,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA)
+        **precision_flags,
     )
     with args.main_process_first(desc="preparing the base model and instructions"):
         base_path = resolve_base_model(settings.base_model)
@@ -275,8 +277,6 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=_target_modules(settings.target_modules))
     model = get_peft_model(model, lora)
-    if settings.gradient_checkpointing:
-        model.enable_input_require_grads()  # LoRA inputs need grads for checkpointed segments
 
     collator = Collator(processor, oogiri.image_store(manifest["data"]), settings.max_length)
     trainer = Trainer(model=model, args=args, train_dataset=InstructionDataset(train_records),
