@@ -38,10 +38,6 @@ MAX_IMAGE_PIXELS = 40_000_000  # far above any Oogiri picture, far below a decom
 MAX_IMAGE_BYTES = 50_000_000
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "oogiri-sample"
 
-# Why a row is skipped; the stats print these names.
-REASONS = ("malformed_json", "unknown_type", "missing_text", "missing_question", "missing_image",
-           "missing_image_file", "bad_star", "no_star")
-
 
 @dataclass
 class Sample:
@@ -151,7 +147,8 @@ class ImageStore:
 # ---------------------------------------------------------------- the dataset
 @dataclass
 class LoadReport:
-    """What loading kept and skipped, per file and per reason."""
+    """What loading kept, and what it skipped per reason: malformed_json, unknown_type, missing_text,
+    missing_question, missing_image, missing_image_file, bad_star, no_star (only with require_star)."""
 
     kept: int = 0
     skipped: collections.Counter = field(default_factory=collections.Counter)

@@ -236,6 +236,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
     run_dir = Path(settings.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
     dtype, precision_flags = _precision(settings, use_cpu)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
