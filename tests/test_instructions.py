@@ -156,3 +156,10 @@ def test_literal_writer_asks_the_model_once_and_caches_on_disk(engine, tmp_path)
     options = options_of(builder.records[0]["user"])
     assert prompts.one_line(writer.description(chosen[0])) in options
     assert prompts.one_line(writer.rewrite(chosen[0].answers[0])) in options
+
+
+def test_building_again_gives_the_same_records(built, tmp_path):
+    settings, manifest, _ = built
+    again = ins.InstructionSettings(run_dir=str(tmp_path), split=str(settings.split_path), literal_model="none",
+                                    mixture=settings.mixture)
+    assert ins.build(again)["files"] == manifest["files"]

@@ -192,7 +192,8 @@ class Builder:
         self.settings = settings
         self.writer = writer
         self.rng = rng
-        self.records: list[dict] = []
+        self.records: list[dict] = []  # made since the caller last took them
+        self.made = 0
         # Answers to draw distractors from, indexed once: same language and task, same language, any.
         self.tiers: dict[object, list[tuple[str, str]]] = collections.defaultdict(list)
         for p in pool:
@@ -201,7 +202,8 @@ class Builder:
                     self.tiers[key].append((p.id, a.text))
 
     def _record(self, kind: str, p: oogiri.Prompt, user: str, answer: str) -> None:
-        self.records.append({"id": f"{p.id}-{kind}-{len(self.records)}", "kind": kind, "task": p.task.value,
+        self.made += 1
+        self.records.append({"id": f"{p.id}-{kind}-{self.made}", "kind": kind, "task": p.task.value,
                              "lang": p.lang.value, "prompt_id": p.id, "image": p.image, "user": user,
                              "answer": answer})
 
@@ -270,22 +272,28 @@ class Builder:
         self._record("ranking", p, user, prompts.ranking_target(options, order))
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> str:
-    """Write atomically; return the content hash (recorded in the manifest and the adapter card)."""
+def _write_jsonl(path: Path, records) -> tuple[str, dict[str, int]]:
+    """Stream records to a file written atomically; return its content hash (recorded in the
+    manifest and the adapter card) and the records per "kind/task/lang"."""
     digest = hashlib.sha256()
+    table: collections.Counter = collections.Counter()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for record in records:
             line = json.dumps(record, ensure_ascii=False) + "\n"
             digest.update(line.encode("utf-8"))
             f.write(line)
+            table[f"{record['kind']}/{record['task']}/{record['lang']}"] += 1
     os.replace(tmp, path)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:16], dict(sorted(table.items()))
 
 
-def counts(records: list[dict]) -> dict[str, int]:
-    """Records per "kind/task/lang"."""
-    return dict(sorted(collections.Counter(f"{r['kind']}/{r['task']}/{r['lang']}" for r in records).items()))
+def _stream(builder: "Builder", part: list[oogiri.Prompt]):
+    """Records prompt by prompt, so the whole set never has to sit in memory."""
+    for p in part:
+        builder.add_prompt(p)
+        yield from builder.records
+        builder.records.clear()
 
 
 def format_counts(table: dict[str, int]) -> str:
@@ -327,11 +335,9 @@ def build(settings: InstructionSettings, engine=None) -> dict:
             writer.prepare(part)
         # Distractors come from the same part only, so no test answer leaks into training.
         builder = Builder(settings, part, writer, random.Random(f"{settings.seed}-{offset}"))
-        for p in part:
-            builder.add_prompt(p)
-        manifest["files"][name] = {"path": f"{name}.jsonl", "records": len(builder.records),
-                                   "hash": _write_jsonl(out / f"{name}.jsonl", builder.records)}
-        manifest["counts"][name] = counts(builder.records)
+        digest, table = _write_jsonl(out / f"{name}.jsonl", _stream(builder, part))
+        manifest["files"][name] = {"path": f"{name}.jsonl", "records": builder.made, "hash": digest}
+        manifest["counts"][name] = table
     build_noun_set(parts["train"], out / "nouns.json", data_hash=manifest["data_hash"], split_hash=split.hash)
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
