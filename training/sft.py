@@ -239,7 +239,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     run_dir.mkdir(parents=True, exist_ok=True)
     use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
     dtype, precision_flags = _precision(settings, use_cpu)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # Trainer's TensorBoard reads this
     args = TrainingArguments(
         output_dir=str(settings.checkpoints_dir), seed=settings.seed, use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
