@@ -267,7 +267,7 @@ def load(data: str | Path, *, strict: bool = False, require_star: bool = False,
         if lang not in wanted or not path.is_file():
             continue
         found_any = True
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # tolerate a byte-order mark
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -28,6 +28,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tqdm import tqdm  # noqa: E402
+
 from training.config import load_config, resolve_base_model  # noqa: E402
 
 from clot import data as oogiri  # noqa: E402
@@ -139,7 +141,8 @@ class LiteralWriter:
         keys.sort(key=lambda k: jobs[k].image is None)
         # Mild, seeded sampling: literal yet reproducible (greedy decoding tends to loop or stop at once).
         sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=self.max_new_tokens, seed=0)
-        for start in range(0, len(keys), self.batch_size):
+        for start in tqdm(range(0, len(keys), self.batch_size), desc="literal texts", unit="batch",
+                          disable=not keys):
             batch = keys[start:start + self.batch_size]
             texts = self.engine.sample([jobs[k] for k in batch], sampling)
             self.cache.update({k: prompts.one_line(t) for k, t in zip(batch, texts)})
