@@ -135,11 +135,13 @@ def build_noun_set(prompts, path: str | Path | None = None, **provenance) -> dic
 
     Saved atomically as {"nouns": {lang: [...]}, "provenance": {...}} when `path` is given;
     `provenance` adds facts such as the data and split hashes."""
+    from tqdm import tqdm
+
     from clot.adapters import write_json_atomic
 
     nouns: dict[str, set[str]] = {}
     answers: dict[str, int] = {}
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="noun set", unit="prompt"):
         lang = prompt.lang.value
         for answer in prompt.answers:
             nouns.setdefault(lang, set()).update(extract_nouns(answer.text, prompt.lang))

@@ -291,9 +291,9 @@ def _write_jsonl(path: Path, records) -> tuple[str, dict[str, int]]:
     return digest.hexdigest()[:16], dict(sorted(table.items()))
 
 
-def _stream(builder: "Builder", part: list[oogiri.Prompt]):
+def _stream(builder: "Builder", part: list[oogiri.Prompt], name: str):
     """Records prompt by prompt, so the whole set never has to sit in memory."""
-    for p in part:
+    for p in tqdm(part, desc=f"{name} instructions", unit="prompt"):
         builder.add_prompt(p)
         yield from builder.records
         builder.records.clear()
@@ -338,7 +338,7 @@ def build(settings: InstructionSettings, engine=None) -> dict:
             writer.prepare(part)
         # Distractors come from the same part only, so no test answer leaks into training.
         builder = Builder(settings, part, writer, random.Random(f"{settings.seed}-{offset}"))
-        digest, table = _write_jsonl(out / f"{name}.jsonl", _stream(builder, part))
+        digest, table = _write_jsonl(out / f"{name}.jsonl", _stream(builder, part, name))
         manifest["files"][name] = {"path": f"{name}.jsonl", "records": builder.made, "hash": digest}
         manifest["counts"][name] = table
     build_noun_set(parts["train"], out / "nouns.json", data_hash=manifest["data_hash"], split_hash=split.hash)
