@@ -22,6 +22,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,27 +126,31 @@ class LiteralWriter:
         from clot.engine import Turn, prepare_image
         from clot.tasks import Sampling
 
-        jobs: dict[str, Turn] = {}
+        jobs: dict[str, tuple[Language, str, str | None]] = {}  # key -> (language, instruction, image id)
         for p in prompt_list:
             if p.image is not None and p.task is not Task.T2T:
                 key = self._image_key(p.image, p.lang)
                 if key not in self.cache:
-                    jobs[key] = Turn(prompts.literal_description_prompt(p.lang), p.lang,
-                                     prepare_image(self.images.open(p.image)))
+                    jobs[key] = (p.lang, prompts.literal_description_prompt(p.lang), p.image)
             for answer in p.answers:
                 key = self._rewrite_key(answer)
                 if key not in self.cache:
-                    jobs[key] = Turn(prompts.literal_rewrite_prompt(p.lang, answer.text, p.question or ""), p.lang)
-        keys = list(jobs)
-        # Batches of one kind only: the engine pads rows, and image rows batch best together.
-        keys.sort(key=lambda k: jobs[k].image is None)
+                    jobs[key] = (p.lang, prompts.literal_rewrite_prompt(p.lang, answer.text, p.question or ""), None)
+        keys = sorted(jobs, key=lambda k: jobs[k][2] is None)  # image rows batch together
         # Mild, seeded sampling: literal yet reproducible (greedy decoding tends to loop or stop at once).
         sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=self.max_new_tokens, seed=0)
+        saved = time.monotonic()
         for start in tqdm(range(0, len(keys), self.batch_size), desc="literal texts", unit="batch",
                           disable=not keys):
             batch = keys[start:start + self.batch_size]
-            texts = self.engine.sample([jobs[k] for k in batch], sampling)
+            turns = [Turn(text, lang, prepare_image(self.images.open(image)) if image else None)
+                     for lang, text, image in (jobs[k] for k in batch)]  # pictures decoded per batch only
+            texts = self.engine.sample(turns, sampling)
             self.cache.update({k: prompts.one_line(t) for k, t in zip(batch, texts)})
+            if time.monotonic() - saved > 60:  # an interrupted build keeps most of its work
+                self.save()
+                saved = time.monotonic()
+        if keys:
             self.save()
         log.info("literal writer: %d new texts from %s", len(keys), self.model_id)
 
