@@ -249,3 +249,28 @@ def messages(user_text: str, lang: Language, has_image: bool, answer: str | None
     if answer is not None:
         conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return conversation
+
+
+# Plain, literal texts used as wrong options in selection questions (METHOD.md §3 kind 4, §6).
+LITERAL_DESCRIPTION = {
+    EN: "Describe this image literally in one plain sentence. Do not joke.",
+    ZH: "用一句平实的话如实描述这张图片，不要开玩笑。",
+    JA: "この画像を、冗談を言わずに一文でそのまま説明してください。",
+}
+
+LITERAL_REWRITE = {
+    EN: "Rewrite this answer as one plain, literal sentence on the same topic, with no joke in it: {answer}",
+    ZH: "把这个回答改写成一句平实的字面陈述，话题不变，不带任何笑点：{answer}",
+    JA: "この答えを、話題はそのままで笑いのない平凡な一文に書き換えてください：{answer}",
+}
+
+
+def literal_description_prompt(lang: Language) -> str:
+    """Ask for a literal, unfunny description of the image (a wrong option for selection)."""
+    return LITERAL_DESCRIPTION[lang]
+
+
+def literal_rewrite_prompt(lang: Language, answer: str, question: str = "") -> str:
+    """Ask for a literal, unfunny rewrite of a human answer (a wrong option for selection)."""
+    head = QUESTION[lang].format(question=question) + "\n" if question else ""
+    return head + LITERAL_REWRITE[lang].format(answer=one_line(answer))

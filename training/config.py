@@ -1,0 +1,87 @@
+"""Run configuration: one YAML recipe per run, read into dataclasses, with `--set key=value` overrides.
+
+A recipe has shared top-level keys (base_model, run_dir, seed) and one section per script:
+
+    base_model: tiny
+    run_dir: runs/tiny
+    instructions: {num_options: 4, ...}
+    training: {max_steps: 40, ...}
+
+`--set max_steps=20` (or `--set training.max_steps=20`) overrides one value; values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # so that `python training/sft.py` finds the clot package
+    sys.path.insert(0, str(ROOT))
+
+from clot.tasks import ClotError  # noqa: E402
+
+T = TypeVar("T")
+SHARED = ("base_model", "run_dir", "seed")
+
+
+def parse_overrides(items: list[str] | None, section: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ClotError(f"Override {item!r} is not key=value.")
+        key = key.strip()
+        prefix, dot, rest = key.partition(".")
+        if dot:
+            if prefix != section:
+                continue  # meant for the other script
+            key = rest
+        values[key] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(cls: type[T], path: str | Path | None, section: str, overrides: list[str] | None = None) -> T:
+    """The dataclass `cls` filled from the recipe's shared keys and its `section`, then the overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ClotError(f"Could not read the config {path}: {err}") from None
+        if not isinstance(recipe, dict):
+            raise ClotError(f"The config {path} must be a mapping of settings.")
+        data.update({k: v for k, v in recipe.items() if k in SHARED})
+        data.update(recipe.get(section) or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    data.update(parse_overrides(overrides, section))
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ClotError(f"Unknown setting(s) {', '.join(unknown)} for {section}; known: {', '.join(sorted(known))}.")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    return cls(**{key: _coerce(key, value, types[key]) for key, value in data.items()})
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """YAML reads 1e-5 as a string (1.0e-5 is a float): convert numbers to the declared type."""
+    try:
+        if kind == "float" and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ClotError(f"Setting {key} must be a number, got {value!r}.") from None
+    return value
+
+
+def resolve_base_model(name: str) -> str:
+    """`tiny` means the offline tiny model of clot/tiny.py (built once); anything else is a hub id or path."""
+    if name == "tiny":
+        from clot import tiny
+
+        return str(tiny.build())
+    return name
