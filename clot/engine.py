@@ -83,9 +83,10 @@ class Turn:
     lang: Language
     image: Image.Image | None = None
     answer_prefix: str = ""
+    persona: bool = True  # False: a plain assistant (literal descriptions and rewrites)
 
     def conversation(self) -> list[dict]:
-        conversation = prompts.messages(self.text, self.lang, has_image=self.image is not None)
+        conversation = prompts.messages(self.text, self.lang, has_image=self.image is not None, persona=self.persona)
         if self.image is not None:
             conversation[1]["content"][0]["image"] = self.image
         if self.answer_prefix:
@@ -133,6 +134,25 @@ class ClotResult:
         return self.candidates[self.chosen]
 
 
+DEFAULT_MAX_IMAGE_TOKENS = 1024  # visual tokens per image; bounds memory for large photos
+
+
+def load_processor(name: str, max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS):
+    """The model's processor with images capped at `max_image_tokens` visual tokens (Qwen-VL
+    family: each token covers (patch × merge)² pixels). Training and inference both load it here,
+    so an image is encoded the same way in both. The cap only ever lowers the processor's own."""
+    from transformers import AutoProcessor
+
+    processor = _load_pretrained(AutoProcessor, name)
+    images = getattr(processor, "image_processor", None)
+    size = getattr(images, "size", None)
+    if max_image_tokens and isinstance(size, dict) and "longest_edge" in size:
+        pixels_per_token = (getattr(images, "patch_size", 14) * getattr(images, "merge_size", 2)) ** 2
+        longest = min(size["longest_edge"], max_image_tokens * pixels_per_token)
+        images.size = {**size, "longest_edge": longest, "shortest_edge": min(size.get("shortest_edge", longest), longest)}
+    return processor
+
+
 def _load_pretrained(loader, name: str, **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs)
@@ -169,14 +189,15 @@ class Engine:
 
     @classmethod
     def load(cls, base_model: str = DEFAULT_BASE_MODEL, *, adapters_dir: str | Path = "adapters",
-             device: str = "auto", dtype: torch.dtype | None = None, adapter: str | None = None) -> "Engine":
+             device: str = "auto", dtype: torch.dtype | None = None, adapter: str | None = None,
+             max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> "Engine":
         """Load a base model by hub id or local path (no remote code), optionally with an adapter."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         torch_device = pick_device(device)
         if torch_device.type == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("CLOT_CPU_THREADS", os.cpu_count() or 1))))
-        processor = _load_pretrained(AutoProcessor, base_model)
+        processor = load_processor(base_model, max_image_tokens)
         model = _load_pretrained(AutoModelForImageTextToText, base_model,
                                  dtype=dtype or pick_dtype(torch_device), attn_implementation="sdpa")
         model.to(torch_device)

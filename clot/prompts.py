@@ -238,12 +238,22 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def messages(user_text: str, lang: Language, has_image: bool, answer: str | None = None) -> list[dict]:
-    """A chat conversation: persona, the user's turn (image first), and optionally the answer."""
+ASSISTANT = {
+    EN: "You are a precise, matter-of-fact assistant.",
+    ZH: "你是一个严谨、实事求是的助手。",
+    JA: "あなたは正確で事実に忠実なアシスタントです。",
+}
+
+
+def messages(user_text: str, lang: Language, has_image: bool, answer: str | None = None,
+             persona: bool = True) -> list[dict]:
+    """A chat conversation: the comedian persona (or a plain assistant, for literal texts), the
+    user's turn (image first), and optionally the answer."""
     content: list[dict] = [{"type": "image"}] if has_image else []
     content.append({"type": "text", "text": user_text})
+    system = PERSONA[lang] if persona else ASSISTANT[lang]
     conversation = [
-        {"role": "system", "content": [{"type": "text", "text": PERSONA[lang]}]},
+        {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": content},
     ]
     if answer is not None:

@@ -143,7 +143,7 @@ class LiteralWriter:
         for start in tqdm(range(0, len(keys), self.batch_size), desc="literal texts", unit="batch",
                           disable=not keys):
             batch = keys[start:start + self.batch_size]
-            turns = [Turn(text, lang, prepare_image(self.images.open(image)) if image else None)
+            turns = [Turn(text, lang, prepare_image(self.images.open(image)) if image else None, persona=False)
                      for lang, text, image in (jobs[k] for k in batch)]  # pictures decoded per batch only
             texts = self.engine.sample(turns, sampling)
             self.cache.update({k: prompts.one_line(t) for k, t in zip(batch, texts)})

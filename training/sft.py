@@ -36,7 +36,7 @@ from training.config import SHARED, load_config, resolve_base_model  # noqa: E40
 
 from clot import adapters  # noqa: E402
 from clot import data as oogiri  # noqa: E402
-from clot.engine import Turn, prepare_image  # noqa: E402
+from clot.engine import DEFAULT_MAX_IMAGE_TOKENS, Turn, load_processor, prepare_image  # noqa: E402
 from clot.tasks import ClotError, Language  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class TrainSettings:
     save_total_limit: int = 2
     eval_samples: int = 256  # held-out instructions scored before and after training (0: none)
     max_length: int = 2048  # longer examples lose the end of their answer
+    max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS  # visual tokens per image; the engine uses the same cap
     precision: str = "auto"  # auto (bf16 on a bf16 GPU, fp16 on another GPU, fp32 on CPU), bf16, fp16, fp32
     gradient_checkpointing: bool = False
     dataloader_num_workers: int = 0
@@ -236,7 +237,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     """Train (or resume), evaluate before and after on held-out instructions, publish the adapter.
     Returns the card (on every process; only the main process publishes)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments
 
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +276,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     train_set = InstructionDataset(folder / "train.jsonl")
     eval_set = InstructionDataset(folder / "test.jsonl", settings.eval_samples)
 
-    processor = AutoProcessor.from_pretrained(base_path)
+    processor = load_processor(base_path, settings.max_image_tokens)
     model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
     fingerprint = adapters.base_fingerprint(model.config)
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
