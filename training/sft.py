@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -82,6 +83,9 @@ class TrainSettings:
     dataloader_num_workers: int = 0
     device: str = "auto"  # auto or cpu
     resume: str = "auto"  # auto: from the last complete checkpoint; never; or a checkpoint folder
+    # Stage 2: more training records (JSONL files, comma-separated) and an adapter to continue from.
+    extra_records: str = ""
+    init_adapter: str = ""  # an adapter folder; empty: a fresh LoRA on the base model
 
     @property
     def instructions_dir(self) -> Path:
@@ -96,9 +100,12 @@ class TrainSettings:
 class InstructionDataset(torch.utils.data.Dataset):
     """Records kept as their JSON lines: far less memory than ~500k dicts, in every data-loader worker."""
 
-    def __init__(self, path: Path, limit: int | None = None):
-        with open(path, encoding="utf-8") as f:
-            self.lines = [line for line in f if line.strip()][:limit]
+    def __init__(self, paths: Path | list[Path], limit: int | None = None):
+        self.lines = []
+        for path in paths if isinstance(paths, list) else [paths]:
+            with open(path, encoding="utf-8") as f:
+                self.lines += [line for line in f if line.strip()]
+        self.lines = self.lines[:limit]
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -227,6 +234,13 @@ def _precision(settings: TrainSettings, use_cpu: bool) -> tuple[torch.dtype, dic
     return table[choice]
 
 
+def _files_hash(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _instruction_overrides(overrides: list[str]) -> list[str]:
     """The --set values that concern instruction building: shared keys and `instructions.*`."""
     return [item for item in overrides
@@ -273,15 +287,25 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
                                  _instruction_overrides(overrides or []))
             instruction_set.build(recipe)
     manifest = instruction_set.read_manifest(folder)
-    train_set = InstructionDataset(folder / "train.jsonl")
+    extra_files = [Path(f.strip()) for f in settings.extra_records.split(",") if f.strip()]
+    for path in extra_files:
+        if not path.is_file():
+            raise ClotError(f"Extra training records {path} do not exist.")
+    train_set = InstructionDataset([folder / "train.jsonl"] + extra_files)
     eval_set = InstructionDataset(folder / "test.jsonl", settings.eval_samples)
 
     processor = load_processor(base_path, settings.max_image_tokens)
     model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
     fingerprint = adapters.base_fingerprint(model.config)
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=_target_modules(settings.target_modules))
-    model = get_peft_model(model, lora)
+    if settings.init_adapter:  # continue training an earlier adapter (stage 2 by default)
+        from peft import PeftModel
+
+        adapters.validate(Path(settings.init_adapter), fingerprint)
+        model = PeftModel.from_pretrained(model, settings.init_adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                          target_modules=_target_modules(settings.target_modules))
+        model = get_peft_model(model, lora)
 
     collator = Collator(processor, oogiri.image_store(manifest["data"]), settings.max_length)
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
@@ -312,7 +336,9 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     card = adapters.make_card(
         base_model=settings.base_model, fingerprint=fingerprint, stage=settings.stage, round=settings.round,
         base_model_path=base_path, data_hash=manifest["data_hash"], split_hash=manifest["split_hash"],
-        instructions_hash=manifest["files"]["train"]["hash"], settings=asdict(settings), metrics=metrics)
+        instructions_hash=manifest["files"]["train"]["hash"],
+        extra_records_hash=_files_hash(extra_files) if extra_files else None,
+        settings=asdict(settings), metrics=metrics)
     if trainer.is_world_process_zero():
         with tempfile.TemporaryDirectory(dir=run_dir) as staging:
             trainer.model.save_pretrained(staging)
