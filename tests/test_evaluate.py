@@ -76,6 +76,13 @@ def test_synthetic_questions_have_the_promised_shape(synthetic):
     assert {s for q in synthetic for s in q["sources"]} == {"human", "other_answer"}
 
 
+def test_a_cap_per_cell_keeps_a_subset_of_the_same_questions(synthetic):
+    capped = ev.build_questions(synthetic_prompts(NUM_SYNTHETIC), None, seed=0, max_per_cell=7)
+    assert set(ev.cell_counts(capped).values()) == {7}
+    by_id = {q["id"]: q for q in synthetic}
+    assert all(by_id[q["id"]] == q for q in capped)
+
+
 def test_oracle_scores_100_percent(synthetic):
     result = ev.run_scorer(Oracle(), synthetic, batch_size=500)
     assert all(cell["value"] == 1.0 for cell in result["cells"].values())
@@ -153,6 +160,8 @@ def test_report_files_have_a_row_per_model_and_models_are_resumed(engine, tmp_pa
     make_adapter(engine, "eval-stage1", seed=3)
     settings = settings_for(tmp_path, out=str(tmp_path / "eval"), embedding_model=str(tiny_embedder),
                             creativity_samples=2, creativity_max_new_tokens=24)
+    with pytest.raises(ev.ClotError, match="No adapter named missing"):
+        ev.evaluate(settings, ["base", "missing"], engine=engine)
     report = ev.evaluate(settings, ["base", "eval-stage1"], engine=engine)
     out = tmp_path / "eval"
     assert list(report["models"]) == ["base", "eval-stage1"]

@@ -143,7 +143,7 @@ def _option_pool(p: oogiri.Prompt, literal: LiteralWriter | None, tiers: dict,
                 return pool
             text, source = found[0], "other_answer"
         pool.append((text, source))
-    if len(p.answers) >= 2:
+    if len(p.answers) >= 2 and p.answers[1].text not in {t for t, _ in pool}:
         pool.append((p.answers[1].text, "human"))
     return pool
 
@@ -523,6 +523,11 @@ def evaluate(settings: EvalSettings, models: list[str], engine=None, force: bool
     settings.validate()
     if not models:
         raise ClotError("Name at least one model to evaluate (base, or an adapter name).")
+    adapters_dir = Path(engine.adapters_dir if engine is not None else settings.adapters_dir)
+    missing = [m for m in models if m != registry.BASE and m not in (scorers or {}) and not (adapters_dir / m).is_dir()]
+    if missing:  # say so now, not after hours of evaluating the others
+        raise ClotError(f"No adapter named {', '.join(missing)} in {adapters_dir}; publish it first or "
+                        "set adapters_dir.")
     out = settings.out_dir
     (out / "models").mkdir(parents=True, exist_ok=True)
     loaded = {"engine": engine}
