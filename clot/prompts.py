@@ -293,9 +293,10 @@ def literal_answer_prompt(lang: Language, question: str = "") -> str:
 UNRELATED_NOUNS = {
     EN: "Write {n} nouns that have as little to do with each other as possible: no names, no places, "
         "no technical terms, single words only. Put one noun on each line and nothing else.",
-    ZH: "写出{n}个彼此之间尽量毫无关联的名词：不要人名、地名或专业术语，每个只写一个词。每行一个名词，不要写别的。",
-    JA: "互いにできるだけ関係のない名詞を{n}個書いてください。人名・地名・専門用語は避け、一語ずつにしてください。"
-        "一行に一つずつ、名詞だけを書いてください。",
+    ZH: "写出{n}个彼此之间尽量毫无关联的名词：不要人名、地名或专业术语，每个只写一个词。"
+        "每行一个名词，不要写别的。",
+    JA: "互いにできるだけ関係のない名詞を{n}個書いてください。人名・地名・専門用語は避け、"
+        "一語ずつにしてください。一行に一つずつ、名詞だけを書いてください。",
 }
 
 

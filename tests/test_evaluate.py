@@ -179,7 +179,7 @@ def test_report_files_have_a_row_per_model_and_models_are_resumed(engine, tmp_pa
     assert (out / "chart-all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     creativity = table.split("## Creativity probe")[1]
     assert "| base |" in creativity and "| eval-stage1 |" in creativity
-    assert set(report["models"]["eval-stage1"]["creativity"]) == {"en", "zh", "ja"}
+    assert set(report["models"]["eval-stage1"]["creativity"]["languages"]) == {"en", "zh", "ja"}
     # A finished model is not asked again; --force asks again.
     stamp = (out / "models" / "base.json").stat().st_mtime_ns
     ev.evaluate(settings, ["base"], engine=engine)
@@ -189,6 +189,17 @@ def test_report_files_have_a_row_per_model_and_models_are_resumed(engine, tmp_pa
     target = artifacts / "eval-tiny"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(out, target)
+
+
+def test_the_probe_is_skipped_without_an_embedder_and_added_to_finished_models_later(engine, tmp_path, tiny_embedder):
+    settings = settings_for(tmp_path, out=str(tmp_path / "eval"))
+    first = ev.evaluate(settings, ["base"], engine=engine)
+    assert "Skipped: no `embedding_model`" in first["creativity_note"]
+    assert "Skipped" in (tmp_path / "eval" / "report.md").read_text(encoding="utf-8")
+    settings.embedding_model, settings.creativity_samples = str(tiny_embedder), 1
+    second = ev.evaluate(settings, ["base"], engine=engine)
+    assert second["models"]["base"]["created"] == first["models"]["base"]["created"]  # not scored again
+    assert second["models"]["base"]["creativity"]["embedding_model"] == str(tiny_embedder)
 
 
 def test_generation_parse_failures_are_counted(engine, tmp_path):
@@ -206,7 +217,6 @@ def test_generation_parse_failures_are_counted(engine, tmp_path):
     cells = report["models"]["base"]["cells"]
     assert sum(c["parse_failures"] for key, c in cells.items() if key.startswith("all/")) == unparsed
     assert "parse failures" in (tmp_path / "gen" / "report.md").read_text(encoding="utf-8")
-    assert "Skipped: no `embedding_model`" in report["creativity_note"]
 
 
 # ---------------------------------------------------------------- creativity probe

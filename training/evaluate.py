@@ -22,9 +22,11 @@ import argparse
 import collections
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import math
+import os
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -424,6 +426,15 @@ def creativity_probe(engine, embed, adapter: str, samples: int, words: int = 10,
 
 
 # ---------------------------------------------------------------- the report
+NO_PROBE = ("Skipped: no `embedding_model` is configured (a local folder or hub id of a sentence-embedding "
+            "model).")
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -453,7 +464,7 @@ def markdown(report: dict) -> str:
         lines.append("| random | " + " | ".join(_fmt(c and c["chance"]) for c in cells) + " | |")
         lines.append("| questions | " + " | ".join(str(c["n"]) if c else "0" for c in cells) + " | |")
         lines.append("")
-    creativity = {n: m["creativity"] for n, m in report["models"].items() if m.get("creativity")}
+    creativity = {n: m["creativity"]["languages"] for n, m in report["models"].items() if m.get("creativity")}
     lines += ["## Creativity probe (Divergent-Association style)", ""]
     if creativity:
         lines += [f"Mean pairwise cosine distance × 100 of up to {report['creativity_words']} generated "
@@ -500,8 +511,10 @@ def charts(report: dict, out: Path) -> list[Path]:
         ax.legend(fontsize="small")
         fig.tight_layout()
         path = out / f"chart-{scope}.png"
-        fig.savefig(path, dpi=100)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
+        _write_atomic(path, buffer.getvalue())
         paths.append(path)
     return paths
 
@@ -539,29 +552,28 @@ def evaluate(settings: EvalSettings, models: list[str], engine=None, force: bool
 
     saved, path, images = question_set(settings, get_engine)
     questions, qhash = saved["questions"], file_hash(path)
-    embed, note = None, "Skipped: no `embedding_model` is configured (a local folder or hub id of a sentence-embedding model)."
-    if settings.embedding_model and settings.creativity_samples:
-        embed = Embedder(settings.embedding_model)
+    embed = Embedder(settings.embedding_model) if settings.embedding_model and settings.creativity_samples else None
     report_models = {}
     for name in models:
         registry.check_name(name)
         file = out / "models" / f"{name}.json"
-        if file.is_file() and not force:
-            done = json.loads(file.read_text(encoding="utf-8"))
-            if (done.get("questions_hash"), done.get("answer_mode")) == (qhash, settings.answer_mode):
-                log.info("%s: already evaluated on this question set (%s); skipped", name, file)
-                report_models[name] = done
-                continue
-        scorer = (scorers or {}).get(name) or EngineScorer(get_engine(), images, name, settings.answer_mode,
-                                                           settings.max_new_tokens)
-        result = run_scorer(scorer, questions, settings.batch_size, desc=name)
-        if embed is not None and name not in (scorers or {}):
-            result["creativity"] = creativity_probe(get_engine(), embed, name, settings.creativity_samples,
-                                                    settings.creativity_words, settings.creativity_max_new_tokens,
-                                                    settings.seed)
-        result = {"model": name, "questions_hash": qhash, "answer_mode": settings.answer_mode,
-                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **result}
-        write_json_atomic(file, result)
+        result = json.loads(file.read_text(encoding="utf-8")) if file.is_file() and not force else {}
+        if (result.get("questions_hash"), result.get("answer_mode")) == (qhash, settings.answer_mode):
+            log.info("%s: already evaluated on this question set (%s)", name, file)
+        else:
+            scorer = (scorers or {}).get(name) or EngineScorer(get_engine(), images, name, settings.answer_mode,
+                                                               settings.max_new_tokens)
+            result = {"model": name, "questions_hash": qhash, "answer_mode": settings.answer_mode,
+                      "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      **run_scorer(scorer, questions, settings.batch_size, desc=name)}
+            write_json_atomic(file, result)
+        # The probe is added to finished models too, when an embedding model is configured later.
+        if embed is not None and name not in (scorers or {}) and \
+                (result.get("creativity") or {}).get("embedding_model") != settings.embedding_model:
+            probe = creativity_probe(get_engine(), embed, name, settings.creativity_samples,
+                                     settings.creativity_words, settings.creativity_max_new_tokens, settings.seed)
+            result["creativity"] = {"embedding_model": settings.embedding_model, "languages": probe}
+            write_json_atomic(file, result)
         report_models[name] = result
     report = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "questions": {"path": str(path), "hash": qhash, "total": len(questions), "seed": saved["seed"],
@@ -569,10 +581,10 @@ def evaluate(settings: EvalSettings, models: list[str], engine=None, force: bool
                             "literal_model": saved["literal_model"], "counts": saved["counts"]},
               "answer_mode": settings.answer_mode, "ndcg_definition": NDCG_DEFINITION,
               "embedding_model": settings.embedding_model or None, "creativity_words": settings.creativity_words,
-              "creativity_note": "" if embed else note, "settings": asdict(settings),
+              "creativity_note": "" if embed else NO_PROBE, "settings": asdict(settings),
               "models": {n: {k: v for k, v in m.items() if k != "results"} for n, m in report_models.items()}}
     write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    _write_atomic(out / "report.md", markdown(report).encode("utf-8"))
     charts(report, out)
     return report
 
