@@ -180,15 +180,15 @@ def test_report_files_have_a_row_per_model_and_models_are_resumed(engine, tmp_pa
     creativity = table.split("## Creativity probe")[1]
     assert "| base |" in creativity and "| eval-stage1 |" in creativity
     assert set(report["models"]["eval-stage1"]["creativity"]["languages"]) == {"en", "zh", "ja"}
+    target = artifacts / "eval-tiny"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(out, target)
     # A finished model is not asked again; --force asks again.
     stamp = (out / "models" / "base.json").stat().st_mtime_ns
     ev.evaluate(settings, ["base"], engine=engine)
     assert (out / "models" / "base.json").stat().st_mtime_ns == stamp
     ev.evaluate(settings, ["base"], engine=engine, force=True)
     assert (out / "models" / "base.json").stat().st_mtime_ns != stamp
-    target = artifacts / "eval-tiny"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(out, target)
 
 
 def test_the_probe_is_skipped_without_an_embedder_and_added_to_finished_models_later(engine, tmp_path, tiny_embedder):

@@ -439,6 +439,12 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _probe_cell(result: dict) -> str:
+    """The mean score and how many word lists were usable, e.g. "71.3 (3/3)"."""
+    score = "–" if result["score"] is None else f"{result['score']:.1f}"
+    return f"{score} ({result['scored']}/{result['scored'] + result['unusable']})"
+
+
 def markdown(report: dict) -> str:
     """Tables in the layout of the paper's Table 2 (accuracy / NDCG in %), pooled then per language."""
     lines = [f"# CLoT evaluation — {report['created']}", "",
@@ -468,12 +474,11 @@ def markdown(report: dict) -> str:
     lines += ["## Creativity probe (Divergent-Association style)", ""]
     if creativity:
         lines += [f"Mean pairwise cosine distance × 100 of up to {report['creativity_words']} generated "
-                  f"nouns, embeddings by `{report['embedding_model']}`.", "",
+                  f"nouns, embeddings by `{report['embedding_model']}`; in brackets the usable word lists "
+                  "(at least two single words).", "",
                   "| model | " + " | ".join(lang.value for lang in Language) + " |", "|---" * 4 + "|"]
         for name, probe in creativity.items():
-            lines.append(f"| {name} | " + " | ".join(
-                "–" if probe[lang.value]["score"] is None else f"{probe[lang.value]['score']:.1f}"
-                for lang in Language) + " |")
+            lines.append(f"| {name} | " + " | ".join(_probe_cell(probe[lang.value]) for lang in Language) + " |")
     else:
         lines.append(report["creativity_note"])
     lines += ["", "## Definitions", "", NDCG_DEFINITION, ""]
