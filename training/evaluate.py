@@ -51,7 +51,6 @@ VERSION = 1
 # Choice kinds: (number of options, number of correct ones). Each adds one option to the previous.
 CHOICE = {"2T1": (2, 1), "3T1": (3, 1), "4T1": (4, 1), "5T2": (5, 2)}
 RANK = "Rank"
-KINDS = (*CHOICE, RANK)
 TASKS = ("I2T", "T2T", "IT2T")
 SCOPES = ("all", "en", "zh", "ja")
 # Report columns: the paper's Table 2 first, then IT2T and 2T1, which it did not show.
