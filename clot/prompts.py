@@ -284,3 +284,42 @@ def literal_rewrite_prompt(lang: Language, answer: str, question: str = "") -> s
     """Ask for a literal, unfunny rewrite of a human answer (a wrong option for selection)."""
     head = QUESTION[lang].format(question=question) + "\n" if question else ""
     return head + LITERAL_REWRITE[lang].format(answer=one_line(answer))
+
+LITERAL_ANSWER = {
+    EN: "Answer this question plainly and literally in one sentence, with no joke in it.",
+    ZH: "请用一句平实的话如实回答这个问题，不要开玩笑。",
+    JA: "このお題に、冗談を言わずに一文で普通に答えてください。",
+}
+
+
+def literal_answer_prompt(lang: Language, question: str = "") -> str:
+    """Ask for a plain, unfunny answer to a text prompt (the literal option of T2T questions, which
+    have no image to describe). Without question text the question is the image itself."""
+    head = QUESTION[lang].format(question=question) + "\n" if question else ""
+    return head + LITERAL_ANSWER[lang]
+
+
+# The creativity probe (a Divergent-Association-style task): ten nouns as unrelated as possible.
+UNRELATED_NOUNS = {
+    EN: "Write {n} nouns that have as little to do with each other as possible: no names, no places, "
+        "no technical terms, single words only. Put one noun on each line and nothing else.",
+    ZH: "写出{n}个彼此之间尽量毫无关联的名词：不要人名、地名或专业术语，每个只写一个词。"
+        "每行一个名词，不要写别的。",
+    JA: "互いにできるだけ関係のない名詞を{n}個書いてください。人名・地名・専門用語は避け、"
+        "一語ずつにしてください。一行に一つずつ、名詞だけを書いてください。",
+}
+
+
+def unrelated_nouns_prompt(lang: Language, n: int = 10) -> str:
+    return UNRELATED_NOUNS[lang].format(n=n)
+
+
+def parse_word_list(text: str, limit: int = 10) -> list[str]:
+    """The distinct words of a generated list (one per line or separated by commas), numbering and
+    bullets removed, in order, at most `limit`."""
+    words: list[str] = []
+    for piece in re.split(r"[\n,，、;；]+", text):
+        word = re.sub(r"^\s*(?:\d+\s*[.．)、]|[-*•・])\s*", "", piece).strip(" \t.。!！\"'「」“”")
+        if word and len(word.split()) == 1 and word.lower() not in (w.lower() for w in words):
+            words.append(word)
+    return words[:limit]

@@ -121,8 +121,12 @@ class LiteralWriter:
     def _rewrite_key(self, answer: oogiri.Sample) -> str:
         return _hash(self.model_id, "rewrite", answer.lang.value, answer.question or "", answer.text)
 
-    def prepare(self, prompt_list: list[oogiri.Prompt]) -> None:
-        """Ask the model for every description and rewrite these prompts need that is not cached yet."""
+    def _answer_key(self, prompt: oogiri.Prompt) -> str:
+        return _hash(self.model_id, "answer", prompt.lang.value, prompt.question or "", prompt.image or "")
+
+    def prepare(self, prompt_list: list[oogiri.Prompt], plain_answers: bool = False) -> None:
+        """Ask the model for every description and rewrite these prompts need that is not cached yet;
+        with `plain_answers`, also a plain answer to each T2T prompt (evaluation's literal option)."""
         from clot.engine import Turn, prepare_image
         from clot.tasks import Sampling
 
@@ -132,6 +136,10 @@ class LiteralWriter:
                 key = self._image_key(p.image, p.lang)
                 if key not in self.cache:
                     jobs[key] = (p.lang, prompts.literal_description_prompt(p.lang), p.image)
+            if plain_answers and p.task is Task.T2T:
+                key = self._answer_key(p)
+                if key not in self.cache:
+                    jobs[key] = (p.lang, prompts.literal_answer_prompt(p.lang, p.question or ""), p.image)
             for answer in p.answers:
                 key = self._rewrite_key(answer)
                 if key not in self.cache:
@@ -165,6 +173,9 @@ class LiteralWriter:
 
     def rewrite(self, answer: oogiri.Sample) -> str:
         return self.cache.get(self._rewrite_key(answer), "")
+
+    def plain_answer(self, prompt: oogiri.Prompt) -> str:
+        return self.cache.get(self._answer_key(prompt), "") if prompt.task is Task.T2T else ""
 
 
 def _count(weight: float, rng: random.Random) -> int:
