@@ -68,7 +68,7 @@ class AdapterInfo:
         parts.append(f"base {card.get('base_model', '?')}")
         if card.get("created"):
             parts.append(str(card["created"])[:16].replace("T", " "))
-        metrics = card.get("metrics") or {}
+        metrics = card.get("evaluation") or card.get("metrics") or {}  # evaluation numbers first
         shown = [f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in list(metrics.items())[:4]]
         if shown:
             parts.append(", ".join(shown))

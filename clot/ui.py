@@ -315,7 +315,7 @@ class Studio:
         rows = [[registry.BASE, "", "", self.engine.base_model, "", ""]]
         for info in self.engine.list_adapters():
             card = info.card
-            metrics = card.get("metrics") or {}
+            metrics = card.get("evaluation") or card.get("metrics") or {}
             evaluation = ", ".join(f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} {v}"
                                    for k, v in metrics.items())
             rows.append([info.name, str(card.get("stage", "?")), str(card.get("round", 0)),

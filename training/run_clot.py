@@ -31,6 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training import evaluate as evaluation  # noqa: E402
 from training import explore as exploration  # noqa: E402
 from training import instructions as instruction_set  # noqa: E402
 from training import sft  # noqa: E402
@@ -227,7 +228,7 @@ class Pipeline:
         if self.run.evaluate:
             models = (["base"] if self.run.evaluate_base else []) + trained
             report = self.step("evaluate", {"models": models, "cards": {n: self._card(n).get("created") for n in trained},
-                                            "config": self._section_values("evaluate")},
+                                            "settings": asdict(self.evaluation_settings())},
                                lambda: self.main_only(lambda: self._evaluate(models)),
                                lambda: self._evaluation_dir().joinpath("report.json").is_file())
         self.step("publish", {"adapters": {n: self._card(n).get("created") for n in trained},
@@ -237,15 +238,6 @@ class Pipeline:
         return {"adapters": trained, "ran": self.ran, "skipped": self.skipped,
                 "report": str(self._evaluation_dir()) if report else None}
 
-    def _section_values(self, section: str) -> dict:
-        if not self.config:
-            return {}
-        import yaml
-
-        values = (yaml.safe_load(Path(self.config).read_text(encoding="utf-8")) or {}).get(section) or {}
-        values.update(parse_overrides(self.overrides, section))
-        return values
-
     def _train(self, settings: sft.TrainSettings) -> dict:
         card = sft.train(settings)
         return {"adapter": settings.adapter_name, "metrics": card.get("metrics"), "created": card.get("created")}
@@ -253,23 +245,27 @@ class Pipeline:
     def _evaluation_dir(self) -> Path:
         return self.root / "eval"
 
+    def evaluation_settings(self) -> evaluation.EvalSettings:
+        settings = load_config(evaluation.EvalSettings, self.config, "evaluation",
+                               self._section(self.overrides, "evaluation"))
+        return dataclasses.replace(settings, run_dir=str(self.root), adapters_dir=self.run.adapters_dir,
+                                   out=str(self._evaluation_dir()))
+
     def _evaluate(self, models: list[str]) -> dict:
-        try:
-            from training import evaluate as evaluation
-        except ImportError:
-            print("[evaluate] training/evaluate.py is not available; skipped", flush=True)
-            return {"skipped": True}
-        return evaluation.run_for_pipeline(self, models)
+        """The paper's metrics for every model on one saved question set; returns the pooled numbers."""
+        report = evaluation.evaluate(self.evaluation_settings(), models)
+        return {"metrics": {name: {cell.split("/", 1)[1]: round(values["value"], 4)
+                                   for cell, values in result["cells"].items() if cell.startswith("all/")}
+                            for name, result in report["models"].items()}}
 
     def _publish(self, trained: list[str], report: dict | None) -> dict:
-        """Copy each model's evaluation numbers into its adapter card (atomically)."""
+        """Copy each adapter's evaluation numbers into its card (atomically), for the demo's picker."""
         metrics = ((report or {}).get("result") or {}).get("metrics") or {}
         for name in trained:
             if name in metrics:
-                card_path = Path(self.run.adapters_dir) / name / adapters.CARD
                 card = self._card(name)
-                card.setdefault("metrics", {}).update(metrics[name])
-                adapters.write_json_atomic(card_path, card)
+                card["evaluation"] = metrics[name]
+                adapters.write_json_atomic(Path(self.run.adapters_dir) / name / adapters.CARD, card)
         return {"published": trained}
 
 
@@ -345,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe (training/configs/<preset>.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting: key=value (shared keys) or section.key=value "
-                             "(sections: clot, instructions, training, stage2, explore, evaluate)")
+                             "(sections: clot, instructions, training, stage2, explore, evaluation)")
     parser.add_argument("--from-stage", help="force this stage and every later one to run again")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the last adapter to this hub repository")
     args = parser.parse_args(argv)
