@@ -117,8 +117,11 @@ class Pipeline:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def step(self, stage: str, inputs: dict, action, intact) -> dict:
+    def step(self, stage: str, inputs: dict, action, intact, work_dir: Path | None = None) -> dict:
         """Run `action()` unless the stamp of `stage` matches `inputs` and `intact()` holds.
+
+        A stage interrupted on the same inputs resumes from what it left in `work_dir`
+        (checkpoints, explored batches); on new inputs, or when forced, that folder is cleared first.
         Returns the stamp (with the stage's `result`)."""
         key = _digest(inputs)
         forced = self.from_stage is not None and self.order.index(stage) >= self.order.index(self.from_stage)
@@ -127,7 +130,15 @@ class Pipeline:
             self.skipped.append(stage)
             print(f"[{stage}] up to date, skipped", flush=True)
             return stamp
-        print(f"[{stage}] running", flush=True)
+        started = self._stamp(f"{stage}.started")
+        resuming = not forced and started is not None and started.get("inputs") == key
+        print(f"[{stage}] {'resuming' if resuming else 'running'}", flush=True)
+        if self.is_main and not resuming:
+            if work_dir is not None and work_dir.exists():
+                shutil.rmtree(work_dir)
+            self.stamps.mkdir(parents=True, exist_ok=True)
+            adapters.write_json_atomic(self.stamps / f"{stage}.started.json", {"inputs": key})
+        self.barrier()
         result = action()
         stamp = {"stage": stage, "inputs": key, "result": result,
                  "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -205,14 +216,14 @@ class Pipeline:
         stage1_name = f"{name}-stage1"
         s1 = self.train_settings("stage1", adapter_name=stage1_name, stage=1, round=0)
         previous = self.step("stage1", {"settings": asdict(s1), "instructions": instructions["inputs"]},
-                             lambda: self._train(s1), lambda: self._adapter_ok(stage1_name))
+                             lambda: self._train(s1), lambda: self._adapter_ok(stage1_name), Path(s1.run_dir))
         current, records = stage1_name, []
         for k in range(1, self.run.rounds + 1):
             settings = self.explore_settings(k, current)
             explored = self.step(f"explore-r{k}", {"settings": asdict(settings), "adapter": previous["inputs"],
                                                    "adapter_created": self._card(current).get("created")},
                                  lambda s=settings: exploration.explore(s),
-                                 lambda s=settings: (s.out_dir / "summary.json").is_file())
+                                 lambda s=settings: (s.out_dir / "summary.json").is_file(), settings.out_dir)
             records.append(str(Path(settings.out_dir) / "records.jsonl"))
             stage2_name = f"{name}-stage2-r{k}"
             init = str(Path(self.run.adapters_dir) / current) if self.run.continue_adapter else ""
@@ -220,7 +231,7 @@ class Pipeline:
                                      extra_records=",".join(records), init_adapter=init)
             previous = self.step(f"stage2-r{k}", {"settings": asdict(s2), "explored": explored["inputs"],
                                                   "init": self._card(current).get("created") if init else None},
-                                 lambda s=s2: self._train(s), lambda n=stage2_name: self._adapter_ok(n))
+                                 lambda s=s2: self._train(s), lambda n=stage2_name: self._adapter_ok(n), Path(s2.run_dir))
             current = stage2_name
 
         trained = [stage1_name] + [f"{name}-stage2-r{k}" for k in range(1, self.run.rounds + 1)]
