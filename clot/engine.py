@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from clot import adapters as registry
 from clot import prompts
 from clot.nouns import draw_conditions, load_nouns
+from clot.prefix import PrefixStore, share_prefixes
 from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task, clean_text
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,10 @@ class Engine:
         self._loaded: dict[str, str] = {}  # adapter name -> signature of the loaded copy
         self._letter_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self.lock = threading.RLock()  # one model, many users: generation and switching take turns
-        # Prefill the prompt part all candidates share once, instead of once per candidate.
+        # Prefill the prompt part that rows share once (and reuse it for the questions that follow).
         self.shared_prefill = True
         self.min_shared_prefix = 16  # tokens; below this the extra forward pass is not worth it
+        self.prefixes = PrefixStore(size=8)
         self.fixed_length = False  # benchmarks on random weights: always generate max_new_tokens
         self.model.eval()
 
@@ -318,8 +320,7 @@ class Engine:
         sampling.validate()
         with self.using(adapter):
             inputs = self.encode(turns)
-            if self.shared_prefill:
-                inputs = self._prefill_shared_prefix(turns, inputs)
+            inputs = self._shared_inputs(turns, inputs) or inputs
             seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
             torch.manual_seed(seed)
             options = dict(max_new_tokens=sampling.max_new_tokens,
@@ -335,52 +336,13 @@ class Engine:
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [clean_answer(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def _prefill_shared_prefix(self, turns: list[Turn], inputs) -> dict:
-        """Run the prompt part that every row shares (system turn, image, instruction start) once,
-        copy its KV cache to every row, and let generate continue each row from there.
-
-        Rows keep their own suffixes (e.g. different condition words); the padding between the
-        shared prefix and a shorter suffix is masked out, and positions follow the mask, so every
-        row sees exactly the tokens it would see alone. Returns the generate inputs to use."""
-        from transformers import DynamicCache
-
-        rows = len(turns)
-        if rows < 2 or any(t.image is not turns[0].image for t in turns):
-            return inputs
-        ids, mask, kinds = inputs["input_ids"], inputs["attention_mask"].bool(), inputs["mm_token_type_ids"]
-        unpadded = [ids[i][mask[i]] for i in range(rows)]
-        shortest = min(len(r) for r in unpadded)
-        shared = 0
-        while shared < shortest - 1 and all(r[shared] == unpadded[0][shared] for r in unpadded):
-            shared += 1
-        row_kinds = [kinds[i][mask[i]] for i in range(rows)]
-        if shared < self.min_shared_prefix or any(k[shared:].any() for k in row_kinds):
-            return inputs  # too little to share, or image tokens after the shared part
-        vlm = self._vlm()
-        prefix = unpadded[0][:shared][None]
-        vision = {}
-        if "pixel_values" in inputs:
-            patches = int(inputs["image_grid_thw"][0].prod())
-            vision = {"pixel_values": inputs["pixel_values"][:patches], "image_grid_thw": inputs["image_grid_thw"][:1]}
-        cache = DynamicCache(config=vlm.config)
-        self.model(input_ids=prefix, attention_mask=torch.ones_like(prefix), mm_token_type_ids=row_kinds[0][:shared][None],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
-        if not vision:  # text-only prompts: no multimodal position offset (clear any stale one)
-            vlm.model.rope_deltas = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        cache.batch_repeat_interleave(rows)
-        width = max(len(r) for r in unpadded) - shared
-        full = torch.full((rows, shared + width), self.tokenizer.pad_token_id, dtype=ids.dtype, device=ids.device)
-        full_mask = torch.zeros_like(full)
-        for i, row in enumerate(unpadded):
-            suffix = row[shared:]
-            full[i, :shared] = prefix[0]
-            full[i, shared + width - len(suffix):] = suffix
-            full_mask[i, :shared] = 1
-            full_mask[i, shared + width - len(suffix):] = 1
-        full_kinds = torch.zeros_like(full)
-        full_kinds[:, :shared] = row_kinds[0][:shared]
-        return {"input_ids": full, "attention_mask": full_mask, "mm_token_type_ids": full_kinds,
-                "past_key_values": cache}
+    def _shared_inputs(self, turns: list[Turn], inputs):
+        """Generate inputs that prefill each shared prompt prefix once (clot/prefix.py), or None."""
+        if not self.shared_prefill:
+            return None
+        adapter_key = f"{self.active_adapter}:{self._loaded.get(self.active_adapter, '')}"
+        return share_prefixes(self.model, self._vlm(), turns, inputs, self.prefixes, adapter_key,
+                              self.min_shared_prefix, self.tokenizer.pad_token_id)
 
     def _vlm(self):
         """The transformers model under any peft wrapper."""
@@ -426,7 +388,14 @@ class Engine:
                 if not prefix:
                     turns = [Turn(t.text, t.lang, t.image) for t in turns]
                 inputs = self.encode(turns)
-                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                shared = self._shared_inputs(turns, inputs)
+                if shared is None:
+                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                else:  # one step of generation runs just the uncached part with the right positions
+                    logits = self.model.generate(**shared, max_new_tokens=1, do_sample=False, temperature=None,
+                                                 top_p=None, top_k=None, output_logits=True,
+                                                 return_dict_in_generate=True,
+                                                 pad_token_id=self.tokenizer.pad_token_id).logits[0].float()
                 for row, i in enumerate(group):
                     m = len(choices[i].options)
                     results[i] = torch.softmax(logits[row, letter_ids[:m]], dim=-1).tolist()

@@ -259,3 +259,36 @@ def test_shared_prefill_is_output_identical_to_plain_batching(engine, image, gen
     assert len(set(plain)) > 1  # real sampled text, not a degenerate repeat
     assert "past_key_values" not in generate_calls[0] and "past_key_values" in generate_calls[1]
     assert generate_calls[1]["past_key_values"].get_seq_length() > engine.min_shared_prefix
+
+
+def test_prompts_batched_together_share_their_own_prefixes_exactly(engine, image):
+    """Several requests in one call (as exploration batches them): each prompt's rows share its
+    own prefix, and every row generates what plain batching generates."""
+    other = Image.new("RGB", (96, 200), (10, 200, 30))
+    sampling = Sampling(seed=5, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10)
+    requests = lambda: [  # noqa: E731
+        Request(task="I2T", image=image, conditions=["walrus", "", "kettle"], num_candidates=3, sampling=sampling),
+        Request(task="IT2T", image=other, text="fill it", conditions=["", "", "pogo stick"], num_candidates=3,
+                sampling=sampling),
+        Request(task="T2T", text="Why do ducks never pay?", language="en", num_candidates=3, sampling=sampling),
+        Request(task="T2T", text="为什么猫咪总是在键盘上睡觉？", num_candidates=3, sampling=sampling)]
+    engine.shared_prefill = False
+    plain = [[c.text for c in cs] for cs in engine.generate_many(requests())]
+    engine.shared_prefill = True
+    engine.prefixes.clear()
+    shared = [[c.text for c in cs] for cs in engine.generate_many(requests())]
+    assert shared == plain
+    assert len({t for cs in plain for t in cs}) > 6
+
+
+def test_ranking_after_generation_reuses_the_prompt_prefix(engine, image):
+    engine.prefixes.clear()
+    request = Request(task="I2T", image=image, num_candidates=4, sampling=Sampling(seed=2, max_new_tokens=6))
+    texts = [c.text or "…" for c in engine.generate(request)]
+    hits = engine.prefixes.hits
+    reused = engine.rank("I2T", "en", texts, image=image)
+    assert engine.prefixes.hits == hits + 1
+    engine.shared_prefill = False
+    fresh = engine.rank("I2T", "en", texts, image=image)
+    engine.shared_prefill = True
+    assert reused == pytest.approx(fresh, abs=1e-5)

@@ -1,0 +1,187 @@
+"""Shared-prefix prefill: run the part of a prompt that rows share once, and reuse it.
+
+All candidates of one request share the system turn, the image and most of the instruction; the
+ranking and selection questions that follow share the same start again. Encoding the image and
+that text is most of a request's cost, so instead of prefilling every row in full:
+
+1. rows are grouped (consecutive rows with the same image; text-only rows together) and each
+   group's common token prefix is found;
+2. a prefix already computed for the same image, adapter and tokens (kept in a small store) is
+   reused; the others are prefilled together, once per group, in one batched forward pass;
+3. the per-group caches are laid side by side (left-padded) and copied to every row of the group,
+   and generation continues each row from the end of its group's prefix.
+
+Padding between a prefix and a shorter row suffix is masked and positions follow the mask, so
+every row computes exactly what it would compute alone (tests check this against plain batching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Prefix:
+    ids: torch.Tensor  # 1-D token ids
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), batch 1
+    rope_delta: torch.Tensor  # [1, 1]: multimodal position offset of the text after the image
+
+
+def image_key(image) -> str:
+    if image is None:
+        return "text"
+    return hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+
+
+def common_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differs = (a[:n] != b[:n]).nonzero()
+    return int(differs[0]) if len(differs) else n
+
+
+class PrefixStore:
+    """The most recent prefixes, by (adapter, image): a prompt's ranking and selection questions
+    find the prefix its generation computed."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: OrderedDict[tuple, list[Prefix]] = OrderedDict()
+        self.hits = 0  # prefixes reused (benchmarks and tests read it)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def find(self, key: tuple, ids: torch.Tensor, minimum: int) -> tuple[Prefix, int] | None:
+        best = None
+        for prefix in self.entries.get(key, []):
+            length = common_length(prefix.ids, ids)
+            if length >= minimum and (best is None or length > best[1]):
+                best = (prefix, length)
+        self.hits += best is not None
+        return best
+
+    def add(self, key: tuple, prefix: Prefix) -> None:
+        if self.size <= 0:
+            return
+        bucket = self.entries.pop(key, [])
+        bucket = [p for p in bucket if not torch.equal(p.ids, prefix.ids)][-3:] + [prefix]
+        self.entries[key] = bucket
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+def _groups(turns) -> list[list[int]]:
+    """Consecutive rows with the same image object form a group (text-only rows too)."""
+    groups: list[list[int]] = []
+    for i, turn in enumerate(turns):
+        if groups and turns[groups[-1][0]].image is turn.image:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: str, minimum: int,
+                   pad_id: int) -> dict | None:
+    """Generate inputs (with `past_key_values`) that reuse or prefill each group's prefix once;
+    None when nothing worth sharing was found (then plain batching is used)."""
+    from transformers import DynamicCache
+
+    ids, mask, kinds = inputs["input_ids"], inputs["attention_mask"].bool(), inputs["mm_token_type_ids"]
+    rows = [ids[i][mask[i]] for i in range(len(turns))]
+    row_kinds = [kinds[i][mask[i]] for i in range(len(turns))]
+    groups = _groups(turns)
+    image_rows = [i for i, t in enumerate(turns) if t.image is not None]
+    patches = [int(g.prod()) for g in inputs["image_grid_thw"]] if image_rows else []
+    starts = [sum(patches[:j]) for j in range(len(patches))]
+
+    plans = []  # per group: (prefix length, reused Prefix or None, store key)
+    for group in groups:
+        first = rows[group[0]]
+        length = min(len(rows[i]) for i in group) - 1  # every row keeps at least one token to run
+        for i in group[1:]:
+            length = min(length, common_length(first, rows[i]))
+        if any(row_kinds[i][length:].any() for i in group):
+            return None  # image tokens after the shared part: cannot split there
+        key = (adapter_key, image_key(turns[group[0]].image))
+        found = store.find(key, first[:length], minimum)
+        if found is not None:
+            plans.append((found[1], found[0], key))
+        elif length >= minimum:
+            plans.append((length, None, key))
+        else:
+            return None
+
+    fresh = [g for g, plan in enumerate(plans) if plan[1] is None]
+    computed: dict[int, Prefix] = {}
+    if fresh:
+        width = max(plans[g][0] for g in fresh)
+        batch_ids = torch.full((len(fresh), width), pad_id, dtype=ids.dtype, device=ids.device)
+        batch_mask = torch.zeros_like(batch_ids)
+        batch_kinds = torch.zeros_like(batch_ids)
+        vision_rows = []
+        for row, g in enumerate(fresh):
+            length, first = plans[g][0], groups[g][0]
+            batch_ids[row, width - length:] = rows[first][:length]
+            batch_mask[row, width - length:] = 1
+            batch_kinds[row, width - length:] = row_kinds[first][:length]
+            if turns[first].image is not None:
+                vision_rows.append(image_rows.index(first))
+        extra = {}
+        if vision_rows:
+            extra["pixel_values"] = torch.cat([inputs["pixel_values"][starts[j]:starts[j] + patches[j]]
+                                               for j in vision_rows])
+            extra["image_grid_thw"] = inputs["image_grid_thw"][vision_rows]
+        else:  # text only: positions must skip the left padding, as they will when generation continues
+            extra["position_ids"] = (batch_mask.cumsum(-1) - 1).clamp(min=0)
+        vlm.model.rope_deltas = None
+        cache = DynamicCache(config=vlm.config)
+        model(input_ids=batch_ids, attention_mask=batch_mask, mm_token_type_ids=batch_kinds,
+              past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        deltas = vlm.model.rope_deltas if vision_rows else None
+        for row, g in enumerate(fresh):
+            length = plans[g][0]
+            layers = [(layer.keys[row:row + 1, :, width - length:].clone(),
+                       layer.values[row:row + 1, :, width - length:].clone()) for layer in cache.layers]
+            delta = deltas[row:row + 1] if deltas is not None else torch.zeros(1, 1, dtype=torch.long, device=ids.device)
+            computed[g] = Prefix(rows[groups[g][0]][:plans[g][0]].clone(), layers, delta)
+            store.add(plans[g][2], computed[g])
+
+    # Lay the groups' prefixes side by side, left-padded, then give every row its group's copy.
+    prefixes = [computed.get(g) or plan[1] for g, plan in enumerate(plans)]
+    lengths = [plan[0] for plan in plans]
+    width = max(lengths)
+    combined = DynamicCache(config=vlm.config)
+    for layer in range(len(prefixes[0].layers)):
+        keys, values = [], []
+        for prefix, length in zip(prefixes, lengths):
+            k, v = prefix.layers[layer][0][:, :, :length], prefix.layers[layer][1][:, :, :length]
+            pad = (0, 0, width - length, 0)
+            keys.append(torch.nn.functional.pad(k, pad))
+            values.append(torch.nn.functional.pad(v, pad))
+        combined.update(torch.cat(keys), torch.cat(values), layer)
+    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=ids.device)
+    combined.batch_select_indices(owner)
+    vlm.model.rope_deltas = torch.cat([p.rope_delta for p in prefixes])[owner]
+
+    tail = max(len(rows[i]) - lengths[g] for g, group in enumerate(groups) for i in group)
+    full = torch.full((len(turns), width + tail), pad_id, dtype=ids.dtype, device=ids.device)
+    full_mask = torch.zeros_like(full)
+    full_kinds = torch.zeros_like(full)
+    for g, group in enumerate(groups):
+        length = lengths[g]
+        for i in group:
+            suffix = rows[i][length:]
+            full[i, width - length:width] = rows[i][:length]
+            full_mask[i, width - length:width] = 1
+            full_kinds[i, width - length:width] = row_kinds[i][:length]
+            full[i, width + tail - len(suffix):] = suffix
+            full_mask[i, width + tail - len(suffix):] = 1
+    return {"input_ids": full, "attention_mask": full_mask, "mm_token_type_ids": full_kinds,
+            "past_key_values": combined}
