@@ -185,7 +185,7 @@ class Engine:
         # Prefill the prompt part that rows share once (and reuse it for the questions that follow).
         self.shared_prefill = True
         self.min_shared_prefix = 16  # tokens; below this the extra forward pass is not worth it
-        self.prefixes = PrefixStore(size=8)
+        self.prefixes = PrefixStore(size=16)
         self.fixed_length = False  # benchmarks on random weights: always generate max_new_tokens
         self.model.eval()
 
