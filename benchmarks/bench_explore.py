@@ -21,6 +21,7 @@ from training import explore as ex
 
 
 def throughput(engine, prompts, images, nouns, settings) -> float:
+    engine.prefixes.clear()  # nothing left over from the other strategy
     start = time.perf_counter()
     for at in range(0, len(prompts), settings.prompts_per_batch):
         ex.explore_batch(engine, prompts[at:at + settings.prompts_per_batch], images, nouns, settings)

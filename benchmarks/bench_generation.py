@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from common import load_engine, photo, save, table, timed
+from common import compare, load_engine, photo, save, table
 
 from clot import prompts
 from clot.engine import Turn
@@ -29,30 +29,37 @@ def strategies(engine, image, k: int, new_tokens: int) -> dict[str, float]:
              for i in range(k)]
     same_prompt = [turns[0]] * k  # one wording, k samples: what our demo asks for
 
-    def sequential():
+    def sequential():  # as the original demo: every call encodes its whole prompt, image included
+        engine.shared_prefill = False
         for turn in turns:
             engine.sample([turn], settings)
+        engine.shared_prefill = True
 
     def batched(shared: bool):
         engine.shared_prefill = shared
         engine.sample(same_prompt, settings)
         engine.shared_prefill = True
 
-    return {"sequential": timed(sequential), "batched": timed(lambda: batched(False)),
-            "shared": timed(lambda: batched(True))}
+    def shared():
+        engine.prefixes.clear()  # each request is new: nothing cached from the last one
+        batched(True)
+
+    return compare({"sequential": sequential, "batched": lambda: batched(False), "shared": shared})
 
 
 def clot_vs_sampling(engine, image, new_tokens: int) -> dict[str, float]:
     settings = Sampling(seed=0, max_new_tokens=new_tokens)
 
     def plain():
+        engine.prefixes.clear()
         turns = engine.turns_for(Request(task="I2T", image=image, num_candidates=5, sampling=settings).validate())
         engine.sample(turns, settings)
 
     def clot():
+        engine.prefixes.clear()
         engine.clot(Request(task="I2T", image=image, num_candidates=5, sampling=settings), rng=random.Random(0))
 
-    return {"sample5": timed(plain), "clot5": timed(clot)}
+    return compare({"sample5": plain, "clot5": clot})
 
 
 def main() -> None:

@@ -39,16 +39,17 @@ def photo(width: int = 448, height: int = 448, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels.numpy(), "RGB")
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds, after warm-up calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def compare(strategies: dict, repeats: int = 3) -> dict[str, float]:
+    """Median wall time (s) of each strategy. They run in turn within every round, after one
+    warm-up round, so that a busy machine slows them all alike and their ratios stay fair."""
+    times: dict[str, list[float]] = {name: [] for name in strategies}
+    for round_ in range(repeats + 1):
+        for name, fn in strategies.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def machine() -> str:
