@@ -140,10 +140,10 @@ def open_image(path) -> Image.Image:
 def upload_only(image: gr.Image) -> gr.Image:
     """`image`, accepting only files uploaded to this app, and handing our code their path untouched.
 
-    Left alone, gradio copies any server path or URL that an HTTP caller names as the file into
-    its cache (fetching the URL), decodes inline base64 data, and decodes and re-encodes every
-    non-RGB upload, all before any size check. open_image does the decoding instead. (Patched on
-    the instance, as in `guarded`.)"""
+    Left alone, gradio fetches a URL that an HTTP caller names as the file, and decodes and
+    re-encodes every non-RGB upload, all before any size check; open_image does the decoding
+    instead. (Server paths outside the upload folder gradio refuses itself. Patched on the
+    instance, as in `guarded`.)"""
     refused = gr.Error("Image: only files uploaded to this app are read, never a URL or a server path; "
                        "please upload the image file itself.", print_exception=False)
 
@@ -160,10 +160,7 @@ def upload_only(image: gr.Image) -> gr.Image:
             return None
         if not uploaded(payload.path):  # a "stream" payload skips move_to_cache
             raise refused
-        if payload.url and payload.url.startswith("data:"):
-            raise gr.Error("Image: inline (base64) data is not accepted; please upload the image file itself.",
-                           print_exception=False)
-        return payload.path
+        return payload.path  # never payload.url: gradio would decode inline base64 data from it
 
     image.async_move_resource_to_block_cache = move_to_cache
     image.preprocess = preprocess
