@@ -327,10 +327,22 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     else:
         print(f"resuming from {checkpoint}", flush=True)
         before = json.loads(start_file.read_text())["eval_loss"] if start_file.is_file() else None
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else None
+    if state and state["global_step"] >= (settings.max_steps if settings.max_steps > 0 else state["max_steps"]):
+        # Killed after its last step (while evaluating or publishing): take the trained weights as
+        # they are. Resumed there, Trainer would run one step too many before noticing.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / adapters.WEIGHTS)))
+        losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        steps, train_loss = state["global_step"], sum(losses) / len(losses) if losses else None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        steps, train_loss = trainer.state.global_step, result.training_loss
     after = trainer.evaluate()["eval_loss"] if len(eval_set) else None
 
-    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+    metrics = {"train_loss": train_loss, "steps": steps,
                "eval_loss_before": before, "eval_loss_after": after,
                "train_instructions": len(train_set), "eval_instructions": len(eval_set)}
     card = adapters.make_card(
