@@ -4,6 +4,8 @@ Whatever the kill, the demo never lists half an adapter and the rerun finishes t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -173,3 +175,23 @@ def test_adapters_load_only_from_the_folder_and_only_safetensors(engine, tmp_pat
     (outside / adapters.WEIGHTS).unlink()
     with pytest.raises(ClotError, match="ships only pickle weights"):  # and a pickle alone is refused
         adapters.validate(outside)
+
+
+def test_training_resumes_only_checkpoints_of_its_own_recipe(tmp_path):
+    settings = sft.TrainSettings(run_dir=str(tmp_path), max_steps=10)
+    assert sft.resume_point(settings) is None  # a first run records its recipe
+
+    def checkpoint(step: int) -> Path:
+        folder = settings.checkpoints_dir / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        return folder
+
+    four = checkpoint(4)
+    assert sft.resume_point(settings) == four
+    assert sft.resume_point(dataclasses.replace(settings, max_steps=20, logging_steps=1)) == four  # extended
+    other = dataclasses.replace(settings, learning_rate=0.5)
+    assert sft.resume_point(other) is None and not four.exists()  # another recipe: starts over
+    five = checkpoint(5)
+    assert sft.resume_point(other) == five
+    assert sft.resume_point(dataclasses.replace(other, max_steps=3)) is None and not five.exists()  # past its end
