@@ -73,8 +73,8 @@ def test_training_killed_mid_checkpoint_resumes_from_the_last_complete_one(tiny_
         folder = tmp_path / "checkpoints"
         complete = sft.last_checkpoint(folder)
         for path in entries(folder):
-            if complete and path.name != complete.name and entries(path) \
-                    and not (path / "trainer_state.json").exists():
+            if complete and path.name.startswith("checkpoint-") and path.name != complete.name \
+                    and entries(path) and not (path / "trainer_state.json").exists():
                 return path
         return None
 
