@@ -409,3 +409,35 @@ def test_switching_adapter_while_another_request_generates(app):
         if name is not None:
             assert value == alone[name]
     still_serving(client)
+
+
+def test_adapter_switches_from_another_thread_never_leak_into_a_running_generation(app):
+    """Straight on the engine: a thread flips the active adapter as fast as it can while generations run."""
+    from clot.tasks import Request, Sampling
+
+    engine, _, client = app
+    make_adapter(engine, "wit-a", seed=11)
+    make_adapter(engine, "wit-b", seed=12)
+
+    def texts(adapter: str) -> list[str]:
+        request = Request(task="T2T", text="Why is the moon full?", num_candidates=3,
+                          sampling=Sampling(seed=8, max_new_tokens=12))
+        return [c.text for c in engine.generate(request, adapter=adapter)]
+
+    alone = texts("wit-b")
+    assert alone != texts("wit-a")
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            for name in ("wit-a", "base"):
+                engine.use_adapter(name)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        assert all(texts("wit-b") == alone for _ in range(4))
+    finally:
+        stop.set()
+        flipper.join()
+    still_serving(client)
