@@ -150,10 +150,12 @@ def upload_only(image: gr.Image) -> gr.Image:
     def uploaded(path) -> bool:
         return isinstance(path, (str, Path)) and gr_utils.is_in_or_equal(path, image.GRADIO_CACHE)
 
+    move = image.async_move_resource_to_block_cache
+
     async def move_to_cache(url_or_path):  # runs before preprocess, on every file an input names
         if not uploaded(url_or_path):
             raise refused
-        return url_or_path
+        return await move(url_or_path)
 
     def preprocess(payload):
         if payload is None:
