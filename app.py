@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     # Heavy imports after parsing; clot.ui imports `spaces` (when installed) before the engine touches CUDA.
     import gradio as gr
 
-    from clot.ui import build_demo
+    from clot.ui import MAX_FILE_SIZE, build_demo
     from clot.engine import Engine
     from clot.tasks import ClotError
 
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     demo = build_demo(engine, nouns_path=args.nouns)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
+                max_file_size=MAX_FILE_SIZE)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,34 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+_LEFTOVER = re.compile(r"^\.(.+)\.(staging|retired)-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep(folder: Path) -> None:
+    """Tidy up after publishers that died mid-publish (those still running on this machine are left
+    alone): a half-copied staging folder is removed; a retired adapter whose replacement never
+    arrived is put back, else removed."""
+    for path in Path(folder).iterdir():
+        match = _LEFTOVER.match(path.name)
+        if not match or not path.is_dir() or _alive(int(match.group(3))):
+            continue
+        target = Path(folder) / match.group(1)
+        if match.group(2) == "retired" and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def publish(source: str | Path, folder: str | Path, name: str, card: dict) -> Path:
     """Copy an adapter (peft save_pretrained output) into `folder/name` with its card, atomically."""
     check_name(name)
@@ -163,7 +191,8 @@ def publish(source: str | Path, folder: str | Path, name: str, card: dict) -> Pa
     if not (source / WEIGHTS).is_file() or not (source / CONFIG).is_file():
         raise ClotError(f"{source} is not a saved adapter (needs {WEIGHTS} and {CONFIG}).")
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=folder))
+    sweep(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-{os.getpid()}-", dir=folder))
     for item in source.iterdir():
         if item.is_file() and item.suffix not in (".bin", ".pt", ".pth", ".pkl"):
             shutil.copy2(item, staging / item.name)

@@ -65,8 +65,8 @@ def prepare_image(image: Image.Image) -> Image.Image:
         canvas = Image.new("RGB", image.size, "white")
         canvas.paste(image, mask=image.getchannel("A"))
         return canvas
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey: keep the top 8 bits, do not clip
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
 
 

@@ -159,14 +159,20 @@ class Request:
         return self
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Control characters (C0 but tab and new line, DEL, C1) and lone surrogates, which are not encodable text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# Zero-width and direction marks (and the BOM) are ordinary text inside a sentence and kept there
+# (emoji sequences need the zero-width joiner), but trimmed at both ends like spaces, so a text
+# made only of them counts as empty.
+_EDGES = re.compile(r"^[\s\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]+"
+                    r"|[\s\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]+$")
 
 
 def clean_text(text: str) -> str:
-    """Strip ASCII control characters (never meaningful in a joke) and surrounding space."""
+    """Strip control characters (never meaningful in a joke), and surrounding space and invisible marks."""
     if not isinstance(text, str):
         raise ClotError(f"Expected text, got {type(text).__name__}.")
-    return _CONTROL.sub("", text).strip()
+    return _EDGES.sub("", _CONTROL.sub("", text))
 
 
 @dataclass

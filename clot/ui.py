@@ -28,7 +28,8 @@ import uuid
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image
+from gradio import utils as gr_utils
+from PIL import Image, UnidentifiedImageError
 
 # ZeroGPU on a Space: only GPU-decorated functions get a GPU, and `spaces` must be imported before
 # anything touches CUDA, hence before the engine. Elsewhere spaces.GPU returns the function unchanged.
@@ -56,6 +57,9 @@ MAX_CANDIDATES = len(prompts.LETTERS)  # the ranking question letters its option
 DEFAULT_CANDIDATES = 4
 MAX_IMAGE_SIDE = 2048  # larger photos are scaled down first; the model sees far fewer pixels anyway
 MAX_ASPECT = 50
+MAX_UPLOAD_MB = 20  # per file; app.py passes it to launch(max_file_size=...) too
+MAX_FILE_SIZE = f"{MAX_UPLOAD_MB}mb"
+MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is decoded (a 50 MP photo is fine)
 MEME_TTL_S = 3600  # meme files older than this are deleted
 DEFAULTS = Sampling()
 _SPLIT_WORDS = re.compile(r"[,，、;；\n]+")
@@ -97,25 +101,71 @@ def split_words(text: str) -> list[str]:
 
 
 def open_image(path) -> Image.Image:
-    """An uploaded file as an RGB image, with a clear message for anything unusable."""
+    """An uploaded file as an RGB image, with a clear message for anything unusable.
+
+    Size and pixel count are checked before decoding, so a small file that claims to be huge
+    (a decompression bomb) costs nothing; animated images give their first frame."""
     if path is None or path == "":
         raise ClotError("This tab needs an image: please upload one.")
     if not isinstance(path, (str, Path)):
         raise ClotError("The image must be an uploaded file.")
+    too_many = f"use one of at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels."
     try:
+        size_mb = Path(path).stat().st_size / 2**20
+        if size_mb > MAX_UPLOAD_MB:
+            raise ClotError(f"The file is {size_mb:.0f} MB; the limit is {MAX_UPLOAD_MB} MB.")
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ClotError(f"The image is {width}×{height} pixels: {too_many}")
             img.load()
             image = prepare_image(img)
-    except Image.DecompressionBombError:
-        raise ClotError("The image has too many pixels: please upload a smaller one.") from None
-    except (OSError, SyntaxError, ValueError):
+    except Image.DecompressionBombError:  # Pillow's own, larger cap fires while reading the header
+        raise ClotError(f"The image has far too many pixels: {too_many}") from None
+    except ClotError:
+        raise
+    except UnidentifiedImageError:
         raise ClotError("The file is not an image that can be read: please upload a PNG, JPEG, WebP or GIF.") from None
+    except (OSError, SyntaxError, ValueError):  # Pillow's ways of saying the data stops or makes no sense
+        raise ClotError("The image file is damaged or incomplete: please upload it again.") from None
     width, height = image.size
     if min(width, height) < 8 or max(width, height) / min(width, height) > MAX_ASPECT:
         raise ClotError(f"The image is {width}×{height} pixels: use one at least 8 pixels on each side "
                         f"and at most {MAX_ASPECT} times wider than tall.")
     if max(width, height) > MAX_IMAGE_SIDE:
         image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    return image
+
+
+def upload_only(image: gr.Image) -> gr.Image:
+    """`image`, accepting only files uploaded to this app, and handing our code their path untouched.
+
+    Left alone, gradio fetches a URL that an HTTP caller names as the file, and decodes and
+    re-encodes every non-RGB upload, all before any size check; open_image does the decoding
+    instead. (Server paths outside the upload folder gradio refuses itself. Patched on the
+    instance, as in `guarded`.)"""
+    refused = gr.Error("Image: only files uploaded to this app are read, never a URL or a server path; "
+                       "please upload the image file itself.", print_exception=False)
+
+    def uploaded(path) -> bool:
+        return isinstance(path, (str, Path)) and gr_utils.is_in_or_equal(path, image.GRADIO_CACHE)
+
+    move = image.async_move_resource_to_block_cache
+
+    async def move_to_cache(url_or_path):  # runs before preprocess, on every file an input names
+        if not uploaded(url_or_path):
+            raise refused
+        return await move(url_or_path)
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        if not uploaded(payload.path):  # a "stream" payload skips move_to_cache
+            raise refused
+        return payload.path  # never payload.url: gradio would decode inline base64 data from it
+
+    image.async_move_resource_to_block_cache = move_to_cache
+    image.preprocess = preprocess
     return image
 
 
@@ -139,7 +189,6 @@ def guarded(component: gr.components.Component, message: str):
     return component
 
 
-NOT_AN_IMAGE = "the file is not an image that can be read; please upload a PNG, JPEG, WebP or GIF."
 NOT_A_NUMBER = "must be a number."
 
 
@@ -465,7 +514,7 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
                 result = gr.JSON(label="Result")
 
     if image is not None:
-        guarded(image, NOT_AN_IMAGE)
+        upload_only(image)
     for component in (language, mode):
         guarded(component, "not one of the choices.")
     for component in (number, temperature, top_p, top_k, max_new, repetition):

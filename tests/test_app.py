@@ -129,7 +129,7 @@ def test_draw_conditions_gives_one_noun_per_candidate(client):
 
 @pytest.mark.parametrize("endpoint, args, message", [
     ("/image_to_text", call(None), "This tab needs an image: please upload one."),
-    ("/image_to_text", call(handle_file(ROOT / "pyproject.toml")), "Image: the file is not an image that can be read"),
+    ("/image_to_text", call(handle_file(ROOT / "pyproject.toml")), "The file is not an image that can be read"),
     ("/text_to_text", call("   "), "Task T2T needs a question: please type one."),
     ("/text_to_text", call("x" * 2001), "The text is 2001 characters long; the limit is 2000."),
     ("/text_to_text", call("Why?", conditions="a, b, c", n=2), "3 condition words for 2 candidates"),

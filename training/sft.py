@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -210,6 +211,36 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+# Settings a rerun may change and still resume the checkpoints: they do not change what the
+# checkpoints hold (max_steps and epochs: a run can be extended).
+RESUMABLE_CHANGES = {"resume", "device", "logging_steps", "save_steps", "save_total_limit", "adapters_dir",
+                     "adapter_name", "dataloader_num_workers", "eval_samples", "max_steps", "num_train_epochs"}
+
+
+def _recipe(settings: TrainSettings) -> dict:
+    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k not in RESUMABLE_CHANGES}))
+
+
+def resume_point(settings: TrainSettings) -> Path | None:
+    """For resume: auto, the newest complete checkpoint, if this recipe made it and it is not past
+    this run's last step. Checkpoints of another recipe (say, a stage redone with other settings)
+    are cleared, so the run starts over instead of continuing someone else's training."""
+    folder = settings.checkpoints_dir
+    recipe_file = folder / "recipe.json"
+    checkpoint = last_checkpoint(folder)
+    if checkpoint is not None:
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+        same = not recipe_file.is_file() or json.loads(recipe_file.read_text()) == _recipe(settings)
+        if same and (settings.max_steps <= 0 or step <= settings.max_steps):
+            return checkpoint
+        print(f"not resuming {checkpoint}: it was made with other settings; starting over", flush=True)
+        shutil.rmtree(folder)
+        (Path(settings.run_dir) / "loss.csv").unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapters.write_json_atomic(recipe_file, _recipe(settings))
+    return None
+
+
 def read_csv(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -286,6 +317,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
             recipe = load_config(instruction_set.InstructionSettings, config_path, "instructions",
                                  _instruction_overrides(overrides or []))
             instruction_set.build(recipe)
+        checkpoint = resume_point(settings) if settings.resume == "auto" else None
     manifest = instruction_set.read_manifest(folder)
     extra_files = [Path(f.strip()) for f in settings.extra_records.split(",") if f.strip()]
     for path in extra_files:
@@ -312,10 +344,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
                       eval_dataset=eval_set if len(eval_set) else None,
                       data_collator=collator, callbacks=[CsvLog(run_dir / "loss.csv")])
 
-    checkpoint = None
-    if settings.resume == "auto":
-        checkpoint = last_checkpoint(settings.checkpoints_dir)
-    elif settings.resume != "never":
+    if settings.resume not in ("auto", "never"):
         checkpoint = Path(settings.resume)
         if not (checkpoint / "trainer_state.json").is_file():
             raise ClotError(f"{checkpoint} is not a complete checkpoint folder.")
@@ -327,10 +356,22 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     else:
         print(f"resuming from {checkpoint}", flush=True)
         before = json.loads(start_file.read_text())["eval_loss"] if start_file.is_file() else None
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else None
+    if state and state["global_step"] >= (settings.max_steps if settings.max_steps > 0 else state["max_steps"]):
+        # Killed after its last step (while evaluating or publishing): take the trained weights as
+        # they are. Resumed there, Trainer would run one step too many before noticing.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / adapters.WEIGHTS)))
+        losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        steps, train_loss = state["global_step"], sum(losses) / len(losses) if losses else None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        steps, train_loss = trainer.state.global_step, result.training_loss
     after = trainer.evaluate()["eval_loss"] if len(eval_set) else None
 
-    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+    metrics = {"train_loss": train_loss, "steps": steps,
                "eval_loss_before": before, "eval_loss_after": after,
                "train_instructions": len(train_set), "eval_instructions": len(eval_set)}
     card = adapters.make_card(
