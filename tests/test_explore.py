@@ -178,3 +178,34 @@ def test_killed_exploration_resumes_without_duplicates_or_losses(tiny_dir, run_d
     summaries = [json.loads((folder / "summary.json").read_text()) for folder in (out, tmp_path / "whole")]
     for key in ("prompts", "accepted", "records", "samples_hash", "records_hash"):
         assert summaries[0][key] == summaries[1][key], key
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_prompts_and_merge_them_in_order(tiny_dir, run_dir, tmp_path):
+    """Under torchrun each process explores its own share; the merged files list every prompt once,
+    in training order, and a second two-process run gives the same bytes."""
+
+    def explore_with_two(out: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "training/explore.py", "--set", f"base_model={tiny_dir}", "--set", f"run_dir={run_dir}",
+                   "--set", "adapter=explorer-stage1", "--set", f"adapters_dir={run_dir / 'adapters'}",
+                   "--set", f"out={out}", "--set", "max_prompts=8", "--set", "prompts_per_batch=2",
+                   "--set", "max_new_tokens=8", "--set", "device=cpu"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    first = explore_with_two(tmp_path / "a")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    shards = [ex.read_done(tmp_path / "a" / f"samples.rank{r}.jsonl") for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 4  # each process explored half
+    assert not {s["prompt_id"] for s in shards[0]} & {s["prompt_id"] for s in shards[1]}
+    samples = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    manifest = ins.read_manifest(run_dir / "instructions")
+    train_ids = [p.id for p in data.Split.load(manifest["split"]).part(data.load(manifest["data"]).prompts(), "train")
+                 if p.answers]
+    assert [s["prompt_id"] for s in samples] == train_ids[:8]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["processes"] == 2
+    second = explore_with_two(tmp_path / "b")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for name in ("samples.jsonl", "records.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -119,3 +119,18 @@ def test_push_to_hub_uploads_the_adapter_with_a_model_card(engine, tmp_path, mon
     monkeypatch.setattr("huggingface_hub.HfApi", OfflineApi)
     with pytest.raises(run_clot.ClotError, match="Could not push pushed to someone/clot-test"):
         run_clot.push_to_hub(folder, "someone/clot-test")
+
+
+@pytest.mark.slow
+def test_tiny_preset_runs_under_two_processes(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "training/run_clot.py", "--config", "training/configs/tiny.yaml", "--set", f"run_dir={tmp_path / 'run'}",
+               "--set", f"clot.adapters_dir={tmp_path / 'adapters'}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CLOT_TINY_DIR=str(tmp_path / "tiny"))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count('"adapters"') == 1  # only the main process reports
+    for name in ("run-stage1", "run-stage2-r1"):
+        assert adapters.validate(tmp_path / "adapters" / name)["metrics"]["steps"] > 0
+    assert json.loads((tmp_path / "run" / "explore-r1" / "summary.json").read_text())["processes"] == 2
+    assert (tmp_path / "run" / "eval" / "report.json").is_file()

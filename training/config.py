@@ -85,3 +85,17 @@ def resolve_base_model(name: str) -> str:
 
         return str(tiny.build())
     return name
+
+
+def distributed():
+    """(rank, world size, barrier) under torchrun / accelerate launch; (0, 1, no-op) alone.
+    Without a GPU, accelerate only sees the processes when told to use the CPU (gloo)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, lambda: None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone

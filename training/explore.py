@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tqdm import tqdm  # noqa: E402
 
 from training import instructions as instruction_set  # noqa: E402
-from training.config import load_config, resolve_base_model  # noqa: E402
+from training.config import distributed, load_config, resolve_base_model  # noqa: E402
 
 from clot import adapters, prompts  # noqa: E402
 from clot import data as oogiri  # noqa: E402
@@ -256,21 +256,10 @@ def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _distributed():
-    """(rank, world size, barrier) under torchrun / accelerate, or (0, 1, no-op) alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, lambda: None
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes, state.wait_for_everyone
-
-
 def explore(settings: ExploreSettings, engine=None) -> dict:
     """Explore every training prompt (this process's share), resumably; merge; return the summary."""
     settings.validate()
-    rank, world, barrier = _distributed()
+    rank, world, barrier = distributed()
     manifest = instruction_set.read_manifest(settings.instructions_dir)
     dataset = oogiri.load(manifest["data"])
     split = oogiri.Split.load(manifest["split"])

@@ -35,7 +35,7 @@ from training import evaluate as evaluation  # noqa: E402
 from training import explore as exploration  # noqa: E402
 from training import instructions as instruction_set  # noqa: E402
 from training import sft  # noqa: E402
-from training.config import load_config, parse_overrides  # noqa: E402
+from training.config import distributed, load_config, parse_overrides  # noqa: E402
 
 from clot import adapters  # noqa: E402
 from clot import data as oogiri  # noqa: E402
@@ -65,16 +65,6 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _distributed():
-    """(is main process, barrier): stages that only one process should run use these."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return True, lambda: None
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.is_main_process, state.wait_for_everyone
-
-
 class Pipeline:
     """The stages of one run, each skipped when its stamp shows it already ran on the same inputs."""
 
@@ -85,7 +75,8 @@ class Pipeline:
             raise ClotError(f"rounds must be 0 or more, got {self.run.rounds}.")
         self.root = Path(self.run.run_dir)
         self.stamps = self.root / "stages"
-        self.is_main, self.barrier = _distributed()
+        rank, _, self.barrier = distributed()
+        self.is_main = rank == 0
         self.order = ["data", "instructions", "stage1"]
         for k in range(1, self.run.rounds + 1):
             self.order += [f"explore-r{k}", f"stage2-r{k}"]
