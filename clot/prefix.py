@@ -76,11 +76,13 @@ class PrefixStore:
             self.entries.popitem(last=False)
 
 
-def _groups(turns) -> list[list[int]]:
-    """Consecutive rows with the same image object form a group (text-only rows too)."""
+def _groups(turns, rows: list[torch.Tensor], minimum: int) -> list[list[int]]:
+    """Consecutive rows with the same image object that share at least `minimum` leading tokens
+    form a group (a request's candidates; text-only requests apart when their prompts differ)."""
     groups: list[list[int]] = []
     for i, turn in enumerate(turns):
-        if groups and turns[groups[-1][0]].image is turn.image:
+        if groups and turns[groups[-1][0]].image is turn.image \
+                and common_length(rows[groups[-1][0]], rows[i]) >= minimum:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -96,7 +98,7 @@ def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: s
     ids, mask, kinds = inputs["input_ids"], inputs["attention_mask"].bool(), inputs["mm_token_type_ids"]
     rows = [ids[i][mask[i]] for i in range(len(turns))]
     row_kinds = [kinds[i][mask[i]] for i in range(len(turns))]
-    groups = _groups(turns)
+    groups = _groups(turns, rows, minimum)
     image_rows = [i for i, t in enumerate(turns) if t.image is not None]
     patches = [int(g.prod()) for g in inputs["image_grid_thw"]] if image_rows else []
     starts = [sum(patches[:j]) for j in range(len(patches))]
@@ -109,14 +111,11 @@ def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: s
             length = min(length, common_length(first, rows[i]))
         if any(row_kinds[i][length:].any() for i in group):
             return None  # image tokens after the shared part: cannot split there
+        if length < 1:
+            return None
         key = (adapter_key, image_key(turns[group[0]].image))
         found = store.find(key, first[:length], minimum)
-        if found is not None:
-            plans.append((found[1], found[0], key))
-        elif length >= minimum:
-            plans.append((length, None, key))
-        else:
-            return None
+        plans.append((found[1], found[0], key) if found is not None else (length, None, key))
 
     fresh = [g for g, plan in enumerate(plans) if plan[1] is None]
     computed: dict[int, Prefix] = {}

@@ -246,39 +246,53 @@ def test_cli_prints_sentence_not_traceback(tmp_path):
     assert "Hugging Face Hub" in result.stderr
 
 
+def _greedy_run(engine, turns, shared: bool, steps: int = 8):
+    """Greedy tokens and every step's logits, with or without prefix sharing."""
+    engine.prefixes.clear()
+    with engine.using(None):
+        inputs = engine.encode(turns)
+        if shared:
+            inputs = engine._shared_inputs(turns, inputs)
+            assert inputs is not None and inputs["past_key_values"].get_seq_length() > engine.min_shared_prefix
+        out = engine.model.generate(**inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                    max_new_tokens=steps, min_new_tokens=steps, output_logits=True,
+                                    return_dict_in_generate=True, pad_token_id=engine.tokenizer.pad_token_id)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits)
+
+
+def _assert_same_generation(engine, turns):
+    plain_tokens, plain_logits = _greedy_run(engine, turns, shared=False)
+    shared_tokens, shared_logits = _greedy_run(engine, turns, shared=True)
+    assert torch.equal(shared_tokens, plain_tokens)
+    # every step's distribution, not just the argmax, is the one plain batching computes
+    assert torch.allclose(shared_logits, plain_logits, atol=1e-4)
+
+
 @pytest.mark.parametrize("task", ["I2T", "T2T"])
-def test_shared_prefill_is_output_identical_to_plain_batching(engine, image, generate_calls, task):
-    request = dict(task=task, image=image if task == "I2T" else None, text="Why do penguins wear suits?",
-                   conditions=["walrus", "", "teapot sandwich", "x"], num_candidates=5,
-                   sampling=Sampling(seed=11, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12))
-    engine.shared_prefill = False
-    plain = [c.text for c in engine.generate(Request(**request))]
-    engine.shared_prefill = True
-    shared = [c.text for c in engine.generate(Request(**request))]
-    assert shared == plain
-    assert len(set(plain)) > 1  # real sampled text, not a degenerate repeat
-    assert "past_key_values" not in generate_calls[0] and "past_key_values" in generate_calls[1]
-    assert generate_calls[1]["past_key_values"].get_seq_length() > engine.min_shared_prefix
+def test_shared_prefill_is_output_identical_to_plain_batching(engine, image, task):
+    request = Request(task=task, image=image if task == "I2T" else None, text="Why do penguins wear suits?",
+                      conditions=["walrus", "", "teapot sandwich", "x"], num_candidates=5).validate()
+    _assert_same_generation(engine, engine.turns_for(request))
 
 
 def test_prompts_batched_together_share_their_own_prefixes_exactly(engine, image):
-    """Several requests in one call (as exploration batches them): each prompt's rows share its
-    own prefix, and every row generates what plain batching generates."""
+    """Several requests in one call (as exploration batches them): each prompt's rows share its own
+    prefix, and every row computes what plain batching computes."""
     other = Image.new("RGB", (96, 200), (10, 200, 30))
-    sampling = Sampling(seed=5, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10)
-    requests = lambda: [  # noqa: E731
-        Request(task="I2T", image=image, conditions=["walrus", "", "kettle"], num_candidates=3, sampling=sampling),
-        Request(task="IT2T", image=other, text="fill it", conditions=["", "", "pogo stick"], num_candidates=3,
-                sampling=sampling),
-        Request(task="T2T", text="Why do ducks never pay?", language="en", num_candidates=3, sampling=sampling),
-        Request(task="T2T", text="为什么猫咪总是在键盘上睡觉？", num_candidates=3, sampling=sampling)]
-    engine.shared_prefill = False
-    plain = [[c.text for c in cs] for cs in engine.generate_many(requests())]
-    engine.shared_prefill = True
-    engine.prefixes.clear()
-    shared = [[c.text for c in cs] for cs in engine.generate_many(requests())]
-    assert shared == plain
-    assert len({t for cs in plain for t in cs}) > 6
+    requests = [
+        Request(task="I2T", image=image, conditions=["walrus", "", "kettle"], num_candidates=3),
+        Request(task="IT2T", image=other, text="fill it", conditions=["", "", "pogo stick"], num_candidates=3),
+        Request(task="T2T", text="Why do ducks never pay?", language="en", num_candidates=3),
+        Request(task="T2T", text="为什么猫咪总是在键盘上睡觉？", num_candidates=3)]
+    _assert_same_generation(engine, [t for r in requests for t in engine.turns_for(r.validate())])
+
+
+def test_seeded_sampling_goes_through_shared_prefixes(engine, image, generate_calls):
+    request = dict(task="I2T", image=image, conditions=["walrus", "", "kettle"], num_candidates=3,
+                   sampling=Sampling(seed=4, max_new_tokens=6))
+    first = [c.text for c in engine.generate(Request(**request))]
+    assert "past_key_values" in generate_calls[0]
+    assert first == [c.text for c in engine.generate(Request(**request))]
 
 
 def test_ranking_after_generation_reuses_the_prompt_prefix(engine, image):
