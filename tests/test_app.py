@@ -16,19 +16,12 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from conftest import make_adapter
-from ui_helpers import EXAMPLES, free_port, running_demo
+from ui_helpers import EXAMPLES, free_port, running_demo, tab_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # app.py lives at the top, outside the package
 CAT = EXAMPLES / "cat.jpg"
-SAMPLING = dict(temperature=0.9, top_p=0.9, top_k=50, max_new_tokens=12, repetition_penalty=1.05)
-
-
-def call(*head, language="auto", conditions="", n=3, mode="CLoT", adapter="base", seed=7, **sampling):
-    """Positional inputs of a tab endpoint: its own inputs, then the shared ones in order."""
-    s = {**SAMPLING, **sampling}
-    return [*head, language, conditions, n, mode, adapter, s["temperature"], s["top_p"], s["top_k"],
-            s["max_new_tokens"], s["repetition_penalty"], seed]
+call = tab_inputs
 
 
 @pytest.fixture(scope="module")

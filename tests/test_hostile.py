@@ -7,6 +7,7 @@ over gradio's plain REST API (POST /gradio_api/call/<name>, then read the event 
 from __future__ import annotations
 
 import base64
+import functools
 import http.server
 import io
 import json
@@ -23,17 +24,11 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from conftest import make_adapter
-from ui_helpers import EXAMPLES, running_demo
+from ui_helpers import EXAMPLES, running_demo, tab_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT = EXAMPLES / "cat.jpg"
-FAST = dict(temperature=0.9, top_p=0.9, top_k=50, max_new_tokens=4, repetition_penalty=1.05)
-
-
-def call(*head, language="auto", conditions="", n=1, mode="sample", adapter="base", seed=3, **sampling):
-    s = {**FAST, **sampling}
-    return [*head, language, conditions, n, mode, adapter, s["temperature"], s["top_p"], s["top_k"],
-            s["max_new_tokens"], s["repetition_penalty"], seed]
+call = functools.partial(tab_inputs, n=1, mode="sample", seed=3, max_new_tokens=4)
 
 
 # ------------------------------------------------------------------ hostile files

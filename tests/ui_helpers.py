@@ -9,6 +9,13 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 
+def tab_inputs(*head, language="auto", conditions="", n=3, mode="CLoT", adapter="base", seed=7,
+               temperature=0.9, top_p=0.9, top_k=50, max_new_tokens=12, repetition_penalty=1.05) -> list:
+    """Positional inputs of a tab endpoint: its own inputs, then the shared ones in order."""
+    return [*head, language, conditions, n, mode, adapter, temperature, top_p, top_k, max_new_tokens,
+            repetition_penalty, seed]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

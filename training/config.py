@@ -45,9 +45,12 @@ def parse_overrides(items: list[str] | None, section: str) -> dict[str, Any]:
     return values
 
 
-def load_config(cls: type[T], path: str | Path | None, section: str, overrides: list[str] | None = None) -> T:
-    """The dataclass `cls` filled from the recipe's shared keys and its `section`, then the overrides."""
+def load_config(cls: type[T], path: str | Path | None, section: str, overrides: list[str] | None = None,
+                also: str | None = None) -> T:
+    """The dataclass `cls` filled from the recipe's shared keys and its `section`, then the overrides.
+    `also` names a second section layered on top (stage 2's changes to the training settings)."""
     data: dict[str, Any] = {}
+    sections = [section] + ([also] if also else [])
     if path is not None:
         try:
             recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -56,9 +59,11 @@ def load_config(cls: type[T], path: str | Path | None, section: str, overrides: 
         if not isinstance(recipe, dict):
             raise ClotError(f"The config {path} must be a mapping of settings.")
         data.update({k: v for k, v in recipe.items() if k in SHARED})
-        data.update(recipe.get(section) or {})
+        for name in sections:
+            data.update(recipe.get(name) or {})
     known = {f.name for f in dataclasses.fields(cls)}
-    data.update(parse_overrides(overrides, section))
+    for name in sections:
+        data.update(parse_overrides(overrides, name))
     unknown = sorted(set(data) - known)
     if unknown:
         raise ClotError(f"Unknown setting(s) {', '.join(unknown)} for {section}; known: {', '.join(sorted(known))}.")

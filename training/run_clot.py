@@ -35,7 +35,7 @@ from training import evaluate as evaluation  # noqa: E402
 from training import explore as exploration  # noqa: E402
 from training import instructions as instruction_set  # noqa: E402
 from training import sft  # noqa: E402
-from training.config import distributed, load_config, parse_overrides  # noqa: E402
+from training.config import distributed, load_config  # noqa: E402
 
 from clot import adapters  # noqa: E402
 from clot import data as oogiri  # noqa: E402
@@ -152,15 +152,10 @@ class Pipeline:
                            self._section(self.overrides, "instructions"))
 
     def train_settings(self, step: str, **changes) -> sft.TrainSettings:
-        settings = load_config(sft.TrainSettings, self.config, "training", self._section(self.overrides, "training"))
-        if step != "stage1":  # stage 2 may change some training settings in its own section
-            extra = {}
-            if self.config:
-                import yaml
-
-                extra = (yaml.safe_load(Path(self.config).read_text(encoding="utf-8")) or {}).get("stage2") or {}
-            extra.update(parse_overrides(self.overrides, "stage2"))
-            settings = dataclasses.replace(settings, **extra)
+        """The `training` section; for stage 2 with the `stage2` section's changes on top."""
+        settings = load_config(sft.TrainSettings, self.config, "training",
+                               self._section(self.overrides, "training") + self._section(self.overrides, "stage2"),
+                               also=None if step == "stage1" else "stage2")
         return dataclasses.replace(settings, adapters_dir=self.run.adapters_dir, run_dir=str(self.root / step),
                                    instructions=str(self.root / "instructions"), resume="auto", **changes)
 
