@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from clot import adapters as registry
 from clot import prompts
@@ -55,6 +56,30 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+class Sampler(LogitsProcessor):
+    """Draws each row's next token (temperature, then top-k, then top-p) and leaves only that
+    token standing, so generate's greedy step takes it.
+
+    transformers' own sampling sorts the whole vocabulary for top-p and runs multinomial over it
+    at every step; this works on the top-k logits only, which makes a step's sampling 5-25×
+    cheaper on a CPU (benchmarks/bench_sampler.py). Draws use a generator seeded from `sampling.seed`
+    (fresh when None), so a seeded request repeats without touching torch's global RNG."""
+
+    def __init__(self, sampling: Sampling, device: torch.device):
+        self.temperature, self.top_k, self.top_p = sampling.temperature, sampling.top_k, sampling.top_p
+        seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k or scores.shape[-1], scores.shape[-1])
+        top, ids = torch.topk(scores.float() / self.temperature, k)  # sorted, best first
+        probs = torch.softmax(top, dim=-1)
+        probs = probs * ((probs.cumsum(-1) - probs) < self.top_p)  # smallest prefix reaching top_p
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        picked = ids.gather(-1, (probs / race).argmax(-1, keepdim=True))  # exponential race: a draw ∝ probs
+        return torch.full_like(scores, -torch.inf).scatter_(-1, picked, 0.0)
 
 
 def prepare_image(image: Image.Image) -> Image.Image:
@@ -321,17 +346,13 @@ class Engine:
         with self.using(adapter):
             inputs = self.encode(turns)
             inputs = self._shared_inputs(turns, inputs) or inputs
-            seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
-            torch.manual_seed(seed)
             options = dict(max_new_tokens=sampling.max_new_tokens,
                            min_new_tokens=sampling.max_new_tokens if self.fixed_length else 1,
                            repetition_penalty=sampling.repetition_penalty,
-                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids())
-            if greedy:
-                options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                               top_k=sampling.top_k)
+                           pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids(),
+                           do_sample=False, temperature=None, top_p=None, top_k=None)
+            if not greedy:  # our sampler picks each token; generate's greedy step then keeps it
+                options["logits_processor"] = LogitsProcessorList([Sampler(sampling, self.device)])
             output = self.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [clean_answer(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -306,3 +306,45 @@ def test_ranking_after_generation_reuses_the_prompt_prefix(engine, image):
     fresh = engine.rank("I2T", "en", texts, image=image)
     engine.shared_prefill = True
     assert reused == pytest.approx(fresh, abs=1e-5)
+
+
+# ---------------------------------------------------------------- the sampler
+def _hf_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution transformers' own warpers would sample from (temperature, top-k, top-p)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, logits.clone())
+    if sampling.top_k:
+        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+    if sampling.top_p < 1:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return torch.softmax(scores, dim=-1)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 50, 0.8), (0.9, 0, 0.5)])
+def test_sampler_draws_from_the_warped_distribution(temperature, top_k, top_p):
+    from clot.engine import Sampler
+
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(7)) * 2
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=11).validate()
+    expected = _hf_probs(logits, sampling)[0]
+    rows = 20000
+    out = Sampler(sampling, torch.device("cpu"))(None, logits.expand(rows, -1))
+    picked = out.argmax(-1)
+    assert torch.isfinite(out).sum() == rows  # exactly one token left standing per row
+    assert (out.gather(-1, picked[:, None]) == 0).all()
+    counts = torch.bincount(picked, minlength=40).float() / rows
+    assert set(counts.nonzero().flatten().tolist()) <= set(expected.nonzero().flatten().tolist())
+    assert torch.allclose(counts, expected, atol=0.015)
+
+
+def test_sampler_is_seeded_and_leaves_the_global_rng_alone():
+    from clot.engine import Sampler
+
+    logits = torch.randn(64, 300)
+    state = torch.random.get_rng_state()
+    first = Sampler(Sampling(seed=5), torch.device("cpu"))(None, logits).argmax(-1)
+    again = Sampler(Sampling(seed=5), torch.device("cpu"))(None, logits).argmax(-1)
+    other = Sampler(Sampling(seed=6), torch.device("cpu"))(None, logits).argmax(-1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(state, torch.random.get_rng_state())

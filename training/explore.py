@@ -117,8 +117,14 @@ def near_duplicate(text: str, others: list[str], threshold: float) -> bool:
         return True
     for other in others:
         theirs = _normal(other)
-        if mine == theirs or (threshold < 1 and difflib.SequenceMatcher(None, mine, theirs).ratio() >= threshold):
+        if mine == theirs:
             return True
+        if threshold < 1:
+            matcher = difflib.SequenceMatcher(None, mine, theirs)
+            # the two quick ratios are upper bounds of ratio(): most pairs are ruled out without it
+            if matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold \
+                    and matcher.ratio() >= threshold:
+                return True
     return False
 
 
