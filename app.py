@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=int(env("CLOT_QUEUE_SIZE", "32")),
                         help="requests allowed to wait in the queue before new ones are turned away "
                              "(env CLOT_QUEUE_SIZE; default %(default)s)")
+    parser.add_argument("--compile", action="store_true", default=env("CLOT_COMPILE", "") in ("1", "true", "yes"),
+                        help="decode with a static KV cache and torch.compile: faster steps on a GPU after a "
+                             "compilation per new batch shape (tens of seconds); off where unsupported, ZeroGPU "
+                             "included (env CLOT_COMPILE=1)")
     parser.add_argument("--tiny", action="store_true", default=env("CLOT_TINY", "") in ("1", "true", "yes"),
                         help="ignore --base-model and use a tiny random-weight model built offline in seconds: "
                              "a smoke test of the whole app, its answers are gibberish (env CLOT_TINY=1)")
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
 
         base_model = str(tiny.build())
     try:
-        engine = Engine.load(base_model, adapters_dir=args.adapters_dir, device=args.device, adapter=args.adapter)
+        engine = Engine.load(base_model, adapters_dir=args.adapters_dir, device=args.device, adapter=args.adapter,
+                             compile=args.compile)
     except ClotError as err:  # a wrong id, no hub access, a bad adapter: one sentence, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,10 +1,12 @@
 """Stage-2 exploration throughput: prompts per second, batched across prompts vs one prompt at a time.
 
-Both runs explore the same training prompts of the bundled sample with the same settings (5
-conditions, rank, select), on a random-weight model with a fixed number of new tokens.
+Every run explores the same training prompts of the bundled sample with the same settings (5
+conditions, rank, select), on a random-weight model with a fixed number of new tokens. Time inside
+the language model is split into prefill (forward passes over many tokens: prompts, and the ranking
+and selection questions) and decode (one token per row per step), to show what batching buys.
 
-    python benchmarks/bench_explore.py                    # tiny and small models
-    python benchmarks/bench_explore.py --sizes small --prompts 16 --batch 8
+    python benchmarks/bench_explore.py                    # tiny and small models, batches of 8 and 16
+    python benchmarks/bench_explore.py --sizes tiny --repeats 5   # quick and steadier
 """
 
 from __future__ import annotations
@@ -20,41 +22,74 @@ from clot.tasks import Language
 from training import explore as ex
 
 
-def throughput(engine, prompts, images, nouns, settings) -> float:
+class PhaseClock:
+    """Seconds spent in the language model's forward passes, by kind (prefill or decode)."""
+
+    def __init__(self, module):
+        self.seconds = {"prefill": 0.0, "decode": 0.0}
+        self._start = 0.0
+        module.register_forward_pre_hook(self._enter, with_kwargs=True)
+        module.register_forward_hook(self._leave, with_kwargs=True)
+
+    def _enter(self, module, args, kwargs):
+        self._start = time.perf_counter()
+
+    def _leave(self, module, args, kwargs, output):
+        tokens = kwargs["inputs_embeds"].shape[1]
+        self.seconds["decode" if tokens == 1 else "prefill"] += time.perf_counter() - self._start
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+
+def run(engine, clock, prompts, images, nouns, settings) -> dict:
     engine.prefixes.clear()  # nothing left over from the other strategy
+    clock.reset()
     start = time.perf_counter()
     for at in range(0, len(prompts), settings.prompts_per_batch):
         ex.explore_batch(engine, prompts[at:at + settings.prompts_per_batch], images, nouns, settings)
-    return len(prompts) / (time.perf_counter() - start)
+    total = time.perf_counter() - start
+    return {"prompts_per_second": len(prompts) / total, "seconds": total, **clock.seconds,
+            "other": total - sum(clock.seconds.values())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,small")
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--batches", default="8,16", help="prompts per generate call to compare with 1")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds; each strategy's median round is kept")
     args = parser.parse_args()
     dataset = oogiri.load(oogiri.SAMPLE_DIR)
     prompts = [p for p in dataset.prompts() if p.answers][:args.prompts]
     nouns = {lang: load_nouns(lang) for lang in Language}
+    batches = [1] + [int(b) for b in args.batches.split(",")]
     rows, results = [], {}
     for size in args.sizes.split(","):
         engine = load_engine(size)
         engine.fixed_length = True
-        one = ex.ExploreSettings(max_new_tokens=args.new_tokens, prompts_per_batch=1)
-        many = ex.ExploreSettings(max_new_tokens=args.new_tokens, prompts_per_batch=args.batch)
-        throughput(engine, prompts[:2], dataset.images, nouns, one)  # warm-up
-        single = throughput(engine, prompts, dataset.images, nouns, one)
-        batched = throughput(engine, prompts, dataset.images, nouns, many)
-        results[size] = {"one_at_a_time": single, "batched": batched}
-        rows.append([size, len(prompts), args.batch, single, batched, f"{batched / single:.2f}×"])
-    print(table(["model", "prompts", "batch", "one-at-a-time prompts/s", "batched prompts/s", "speed-up"], rows))
-    last = args.sizes.split(",")[-1]
-    print(f"\nHeadline ({last} model): batched exploration explores "
-          f"{results[last]['batched'] / results[last]['one_at_a_time']:.2f}× the prompts per second of one at a time.")
-    print("saved", save("explore", {"prompts": len(prompts), "batch": args.batch, "new_tokens": args.new_tokens,
-                                    "prompts_per_second": results}))
+        clock = PhaseClock(engine._vlm().model.language_model)
+        settings = {b: ex.ExploreSettings(max_new_tokens=args.new_tokens, prompts_per_batch=b) for b in batches}
+        for b in batches:  # warm-up: every batch shape once
+            run(engine, clock, prompts[:b], dataset.images, nouns, settings[b])
+        rounds = [{b: run(engine, clock, prompts, dataset.images, nouns, settings[b]) for b in batches}
+                  for _ in range(args.repeats)]  # strategies in turn, so a busy moment slows them alike
+        results[size] = {b: sorted((r[b] for r in rounds), key=lambda x: x["seconds"])[args.repeats // 2]
+                         for b in batches}  # each strategy's median round
+        one = results[size][1]
+        for b, r in results[size].items():
+            rows.append([size, b, r["prompts_per_second"], r["prefill"], r["decode"], r["other"],
+                         f"{r['prompts_per_second'] / one['prompts_per_second']:.2f}×",
+                         f"{one['decode'] / r['decode']:.2f}×"])
+    print(table(["model", "prompts per call", "prompts/s", "prefill s", "decode s", "other s",
+                 "speed-up", "decode speed-up"], rows))
+    last, best = args.sizes.split(",")[-1], batches[1]
+    print(f"\nHeadline ({last} model, {best} prompts per call): batched exploration explores "
+          f"{results[last][best]['prompts_per_second'] / results[last][1]['prompts_per_second']:.2f}× "
+          "the prompts per second of one at a time.")
+    print("saved", save("explore", {"prompts": len(prompts), "new_tokens": args.new_tokens, "repeats": args.repeats,
+                                    "by_prompts_per_call": results}))
 
 
 if __name__ == "__main__":

@@ -24,12 +24,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def load_engine(size: str, device: str = "cpu"):
-    """An engine on a random-weight model of the default architecture ("tiny" or "small")."""
+    """An engine on a random-weight model of the default architecture: "tiny" or "small" (built
+    once into the temp folder), or the full-size "3b", made directly on the device in its dtype."""
     from clot import tiny
-    from clot.engine import Engine
+    from clot.engine import Engine, pick_device, pick_dtype
 
+    adapters = Path(tempfile.gettempdir()) / "clot-bench-adapters"
+    if size == "3b":
+        torch_device = pick_device(device)
+        model, processor = tiny.random_model(size, torch_device, pick_dtype(torch_device))
+        return Engine(model, processor, base_model="random-3b", adapters_dir=adapters, device=torch_device)
     folder = tiny.build(Path(tempfile.gettempdir()) / f"clot-bench-{size}", size=size)
-    return Engine.load(str(folder), adapters_dir=Path(tempfile.gettempdir()) / "clot-bench-adapters", device=device)
+    return Engine.load(str(folder), adapters_dir=adapters, device=device)
 
 
 def photo(width: int = 448, height: int = 448, seed: int = 0) -> Image.Image:

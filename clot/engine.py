@@ -14,13 +14,14 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from clot import adapters as registry
 from clot import prompts
@@ -212,12 +213,13 @@ class Engine:
         self.min_shared_prefix = 16  # tokens; below this the extra forward pass is not worth it
         self.prefixes = PrefixStore(size=16)
         self.fixed_length = False  # benchmarks on random weights: always generate max_new_tokens
+        self.compile = False  # static KV cache + torch.compile for decoding: see set_compile
         self.model.eval()
 
     @classmethod
     def load(cls, base_model: str = DEFAULT_BASE_MODEL, *, adapters_dir: str | Path = "adapters",
              device: str = "auto", dtype: torch.dtype | None = None, adapter: str | None = None,
-             max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> "Engine":
+             max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, compile: bool = False) -> "Engine":
         """Load a base model by hub id or local path (no remote code), optionally with an adapter."""
         from transformers import AutoModelForImageTextToText
 
@@ -231,7 +233,30 @@ class Engine:
         engine = cls(model, processor, base_model=base_model, adapters_dir=adapters_dir, device=torch_device)
         if adapter:
             engine.use_adapter(adapter)
+        engine.set_compile(compile)
         return engine
+
+    def set_compile(self, on: bool) -> bool:
+        """Decode with a static KV cache and a torch.compile'd forward (transformers' own
+        compiled-generation path). It pays off where one step's Python and kernel-launch overhead is
+        a large part of its time (GPUs, small models) and costs a compilation per new batch shape
+        (tens of seconds), so it is off by default. Unsupported places turn it off with a warning:
+        devices other than CUDA and CPU, a CPU without a C++ compiler, and ZeroGPU Spaces.
+        Rows then do not share their prefix prefill (that needs a growing cache), but scoring still
+        does. Returns whether it is on."""
+        reason = None
+        if on and self.device.type not in ("cuda", "cpu"):
+            reason = f"torch.compile is not supported on {self.device.type}"
+        elif on and self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+            reason = "torch.compile on the CPU needs a C++ compiler (c++ or g++ on PATH)"
+        elif on and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true"):
+            reason = "ZeroGPU does not support torch.compile"
+        if reason:
+            log.warning("Compiled decoding stays off: %s.", reason)
+        self.compile = bool(on) and reason is None
+        self._compile_config = CompileConfig()
+        self._compile_config._compile_all_devices = True  # transformers compiles by itself only on GPUs
+        return self.compile
 
     # ---------------------------------------------------------------- adapters
     def list_adapters(self) -> list[registry.AdapterInfo]:
@@ -345,7 +370,8 @@ class Engine:
         sampling.validate()
         with self.using(adapter):
             inputs = self.encode(turns)
-            inputs = self._shared_inputs(turns, inputs) or inputs
+            if not self.compile:
+                inputs = self._shared_inputs(turns, inputs) or inputs
             options = dict(max_new_tokens=sampling.max_new_tokens,
                            min_new_tokens=sampling.max_new_tokens if self.fixed_length else 1,
                            repetition_penalty=sampling.repetition_penalty,
@@ -353,6 +379,8 @@ class Engine:
                            do_sample=False, temperature=None, top_p=None, top_k=None)
             if not greedy:  # our sampler picks each token; generate's greedy step then keeps it
                 options["logits_processor"] = LogitsProcessorList([Sampler(sampling, self.device)])
+            if self.compile:
+                options.update(cache_implementation="static", compile_config=self._compile_config)
             output = self.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [clean_answer(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -116,14 +116,75 @@ SIZES = {
                             num_key_value_heads=4, mrope_section=[8, 12, 12]),
                   vision=dict(depth=4, hidden_size=384, intermediate_size=1536, num_heads=6),
                   max_image_tokens=256),
+    # The default base model's own shape (Qwen2.5-VL-3B-Instruct) with random weights, for GPU speed
+    # and memory benchmarks, which make it in memory with `random_model`.
+    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, mrope_section=[16, 24, 24]),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16),
+               vision_extra=dict(window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+               vocab_size=151936, rope_theta=1000000.0, max_image_tokens=1024),
 }
+
+
+def model_config(size: str, tokenizer):
+    """The Qwen2.5-VL configuration of a size, with our tokenizer's special token ids."""
+    from transformers import Qwen2_5_VLConfig
+
+    spec = SIZES[size]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vision = dict(window_size=56, fullatt_block_indexes=[1], **spec.get("vision_extra", {}))
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=spec.get("vocab_size", len(tokenizer)), max_position_embeddings=4096,
+            **{k: v for k, v in spec["text"].items() if k != "mrope_section"},
+            rope_parameters={"rope_type": "default", "rope_theta": spec.get("rope_theta", 10000.0),
+                             "mrope_section": spec["text"]["mrope_section"]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(**spec["vision"], out_hidden_size=spec["text"]["hidden_size"], patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, **vision),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_processor(size: str = "tiny"):
+    """Our tokenizer with a Qwen2.5-VL image processor sized for `size`."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * SIZES[size]["max_image_tokens"]})
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
+                               video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+def _set_generation_ids(model, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+
+def random_model(size: str, device: str = "cpu", dtype=None):
+    """(model, processor) of a size with random weights, made directly on `device` (nothing written):
+    how the benchmarks get the full-size "3b" model onto a GPU in seconds."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    processor = build_processor(size)
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(model_config(size, processor.tokenizer),
+                                                                dtype=dtype or torch.float32,
+                                                                attn_implementation="sdpa")
+    _set_generation_ids(model, processor.tokenizer)
+    return model.eval(), processor
 
 
 def build(target: str | Path = DEFAULT_DIR, force: bool = False, size: str = "tiny") -> Path:
     """Write the model to `target` (atomically) unless an identical build is already there."""
     import torch
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     target = Path(target)
     spec = SIZES[size]
@@ -132,30 +193,10 @@ def build(target: str | Path = DEFAULT_DIR, force: bool = False, size: str = "ti
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe:
         return target
 
-    tokenizer = build_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * spec["max_image_tokens"]})
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), max_position_embeddings=4096,
-            **{k: v for k, v in spec["text"].items() if k != "mrope_section"},
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": spec["text"]["mrope_section"]},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
-        ),
-        vision_config=dict(**spec["vision"], out_hidden_size=spec["text"]["hidden_size"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
+    processor = build_processor(size)
     torch.manual_seed(SEED)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model = Qwen2_5_VLForConditionalGeneration(model_config(size, processor.tokenizer))
+    _set_generation_ids(model, processor.tokenizer)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))

@@ -196,7 +196,7 @@ def test_app_help_documents_every_setting():
     out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120).stdout
     for flag in ("--base-model", "CLOT_BASE_MODEL", "--adapters-dir", "CLOT_ADAPTERS_DIR", "--device",
-                 "CLOT_DEVICE", "--host", "--port", "--share", "--tiny"):
+                 "CLOT_DEVICE", "--host", "--port", "--share", "--tiny", "--compile", "CLOT_COMPILE"):
         assert flag in out
 
 
@@ -212,6 +212,9 @@ def test_app_settings_fall_back_on_environment_variables(monkeypatch):
     args = app.parse_args([])
     assert (args.base_model, args.adapters_dir, args.device, args.port) == ("/models/vlm", "/data/adapters", "cpu", 9000)
     assert app.parse_args(["--device", "cuda:1"]).device == "cuda:1"  # a flag beats its variable
+    assert app.parse_args([]).compile is False
+    monkeypatch.setenv("CLOT_COMPILE", "1")
+    assert app.parse_args([]).compile is True
 
 
 def test_unreachable_base_model_ends_in_one_sentence(tmp_path):

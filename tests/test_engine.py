@@ -348,3 +348,29 @@ def test_sampler_is_seeded_and_leaves_the_global_rng_alone():
     other = Sampler(Sampling(seed=6), torch.device("cpu"))(None, logits).argmax(-1)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager_decoding(tiny_dir, tmp_path, image):
+    """The static-cache + torch.compile setting gives the same tokens, for two batch shapes."""
+    eager = Engine.load(str(tiny_dir), adapters_dir=tmp_path, device="cpu")
+    compiled = Engine.load(str(tiny_dir), adapters_dir=tmp_path, device="cpu", compile=True)
+    assert compiled.compile
+    for k in (3, 2):
+        turns = [Turn(prompts.generation_prompt(Task.I2T, Language.EN, wording=i), Language.EN, image) for i in range(k)]
+        settings = Sampling(max_new_tokens=8)
+        assert compiled.sample(turns, settings, greedy=True) == eager.sample(turns, settings, greedy=True)
+        assert compiled.sample(turns, Sampling(max_new_tokens=8, seed=k)) == eager.sample(turns, Sampling(max_new_tokens=8, seed=k))
+    assert getattr(compiled._vlm(), "_compiled_call", None) is not None  # the compiled forward really ran
+    assert getattr(eager._vlm(), "_compiled_call", None) is None
+
+
+def test_compile_stays_off_where_unsupported(engine, monkeypatch, caplog):
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert engine.set_compile(True) is False and engine.compile is False
+    assert "ZeroGPU does not support torch.compile" in caplog.text
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert engine.set_compile(True) is False
+    assert "needs a C++ compiler" in caplog.text
+    assert engine.set_compile(False) is False
