@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=72, help="new tokens of the long generation")
     parser.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth copy")
     parser.add_argument("--compile", action="store_true", help="also time the static-cache + torch.compile setting")
+    parser.add_argument("--name", default="decode", help="results file: benchmarks/results/<name>.json")
     args = parser.parse_args()
     rows, results = [], {}
     for size in args.sizes.split(","):
@@ -90,7 +91,7 @@ def main() -> None:
     best = min((m for m in ("eager", "compiled") if f"{m}_ratio" in last), key=lambda m: last[f"{m}_ratio"])
     print(f"\nHeadline ({args.sizes.split(',')[-1]} model, {args.device}, {best}): one decode step takes "
           f"{last[f'{best}_ratio']:.2f}× the memory-bandwidth bound (target: within 3× on a GPU).")
-    print("saved", save("decode", {"device": args.device, "short": args.short, "long": args.long,
+    print("saved", save(args.name, {"device": args.device, "short": args.short, "long": args.long,
                                    "models": results}))
 
 

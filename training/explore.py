@@ -70,6 +70,7 @@ class ExploreSettings:
     formats: list = field(default_factory=lambda: list(FORMATS))  # how accepted answers become records
     device: str = "auto"
     max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS
+    compile: bool = False  # static KV cache + torch.compile for decoding (Engine.set_compile)
 
     @property
     def out_dir(self) -> Path:
@@ -288,7 +289,8 @@ def explore(settings: ExploreSettings, engine=None) -> dict:
             from clot.engine import Engine
 
             engine = Engine.load(resolve_base_model(settings.base_model), adapters_dir=settings.adapters_dir,
-                                 device=settings.device, max_image_tokens=settings.max_image_tokens)
+                                 device=settings.device, max_image_tokens=settings.max_image_tokens,
+                                 compile=settings.compile)
         if settings.adapter:
             card = adapters.read_card(Path(settings.adapters_dir) / settings.adapter)
         accepted = sum(1 for r in finished if r.get("accepted"))
