@@ -132,7 +132,7 @@ def model_config(size: str, tokenizer):
 
     spec = SIZES[size]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vision = dict(window_size=56, fullatt_block_indexes=[1], **spec.get("vision_extra", {}))
+    vision = {"window_size": 56, "fullatt_block_indexes": [1], **spec.get("vision_extra", {})}
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=spec.get("vocab_size", len(tokenizer)), max_position_embeddings=4096,

@@ -50,6 +50,25 @@ def test_tiny_model_reloads_through_auto_classes(tiny_dir):
     assert len(processor.tokenizer.encode("答え", add_special_tokens=False)) < 4
 
 
+def test_full_size_benchmark_config_has_the_default_base_models_shape():
+    """The random "3b" model of the GPU benchmarks has Qwen2.5-VL-3B-Instruct's dimensions
+    (built on the meta device here: shapes only, no memory)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from clot import tiny
+
+    processor = tiny.build_processor("3b")
+    config = tiny.model_config("3b", processor.tokenizer)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.vocab_size) == (2048, 11008, 36, 16, 2, 151936)
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size, vision.fullatt_block_indexes) == \
+        (32, 1280, 2048, [7, 15, 23, 31])
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    assert 3.6e9 < sum(p.numel() for p in model.parameters()) < 3.9e9
+
+
 def test_k_candidates_come_from_one_generate_call(engine, image, generate_calls):
     request = Request(task="I2T", image=image, num_candidates=5, sampling=Sampling(seed=1, max_new_tokens=6))
     candidates = engine.generate(request)
