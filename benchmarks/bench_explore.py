@@ -7,6 +7,7 @@ and selection questions) and decode (one token per row per step), to show what b
 
     python benchmarks/bench_explore.py                    # tiny and small models, batches of 8 and 16
     python benchmarks/bench_explore.py --sizes tiny --repeats 5   # quick and steadier
+    python benchmarks/bench_explore.py --sizes 3b --device cuda   # full size, bf16, random weights
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--batches", default="8,16", help="prompts per generate call to compare with 1")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="rounds; each strategy's median round is kept")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU figures (with --sizes 3b)")
     args = parser.parse_args()
     dataset = oogiri.load(oogiri.SAMPLE_DIR)
     prompts = [p for p in dataset.prompts() if p.answers][:args.prompts]
@@ -67,7 +69,7 @@ def main() -> None:
     batches = [1] + [int(b) for b in args.batches.split(",")]
     rows, results = [], {}
     for size in args.sizes.split(","):
-        engine = load_engine(size)
+        engine = load_engine(size, args.device)
         engine.fixed_length = True
         clock = PhaseClock(engine._vlm().model.language_model)
         settings = {b: ex.ExploreSettings(max_new_tokens=args.new_tokens, prompts_per_batch=b) for b in batches}
@@ -88,7 +90,7 @@ def main() -> None:
     print(f"\nHeadline ({last} model, {best} prompts per call): batched exploration explores "
           f"{results[last][best]['prompts_per_second'] / results[last][1]['prompts_per_second']:.2f}× "
           "the prompts per second of one at a time.")
-    print("saved", save("explore", {"prompts": len(prompts), "new_tokens": args.new_tokens, "repeats": args.repeats,
+    print("saved", save("explore" if args.device == "cpu" else f"explore-{args.device}", {"prompts": len(prompts), "new_tokens": args.new_tokens, "repeats": args.repeats,
                                     "by_prompts_per_call": results}))
 
 

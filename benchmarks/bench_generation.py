@@ -9,6 +9,7 @@ Also CLoT mode (5 conditioned candidates + rank + select) against plain sampling
 
     python benchmarks/bench_generation.py                 # tiny and small models, k = 1, 5, 9
     python benchmarks/bench_generation.py --sizes small --new-tokens 16
+    python benchmarks/bench_generation.py --sizes 3b --device cuda   # full size, bf16, random weights
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,small")
     parser.add_argument("--ks", default="1,5,9")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU figures (with --sizes 3b)")
     args = parser.parse_args()
     image = photo()
     rows, results = [], {}
     for size in args.sizes.split(","):
-        engine = load_engine(size)
+        engine = load_engine(size, args.device)
         engine.fixed_length = True  # random weights stop anywhere: time a fixed number of new tokens
         for k in [int(k) for k in args.ks.split(",")]:
             t = strategies(engine, image, k, args.new_tokens)
@@ -87,7 +89,8 @@ def main() -> None:
     print(f"\nHeadline ({size} model, k={k}): shared prefill is {headline['sequential'] / headline['shared']:.2f}× "
           f"faster than the original demo's sequential calls and {headline['batched'] / headline['shared']:.2f}× "
           "faster than plain batching.")
-    print("saved", save("generation", {"new_tokens": args.new_tokens, "seconds": results}))
+    print("saved", save("generation" if args.device == "cpu" else f"generation-{args.device}",
+                        {"new_tokens": args.new_tokens, "seconds": results}))
 
 
 if __name__ == "__main__":
