@@ -240,7 +240,7 @@ class Engine:
         """Decode with a static KV cache and a torch.compile'd forward (transformers' own
         compiled-generation path). It pays off where one step's Python and kernel-launch overhead is
         a large part of its time (GPUs, small models) and costs a compilation per new batch shape
-        (tens of seconds), so it is off by default. Unsupported places turn it off with a warning:
+        or adapter (tens of seconds), so it is off by default. Unsupported places turn it off with a warning:
         devices other than CUDA and CPU, a CPU without a C++ compiler, and ZeroGPU Spaces.
         Rows then do not share their prefix prefill (that needs a growing cache), but scoring still
         does. Returns whether it is on."""

@@ -382,6 +382,15 @@ def test_compiled_decoding_matches_eager_decoding(tiny_dir, tmp_path, image):
         assert compiled.sample(turns, Sampling(max_new_tokens=8, seed=k)) == eager.sample(turns, Sampling(max_new_tokens=8, seed=k))
     assert getattr(compiled._vlm(), "_compiled_call", None) is not None  # the compiled forward really ran
     assert getattr(eager._vlm(), "_compiled_call", None) is None
+    # with a LoRA adapter switched on (a recompilation) the compiled model still decodes as eager does
+    make_adapter(eager, "compiled-joke", seed=9)
+    for engine in (eager, compiled):
+        engine.use_adapter("compiled-joke")
+    turns = [Turn(prompts.generation_prompt(Task.T2T, Language.EN, "Why?", wording=0), Language.EN)] * 2
+    with_adapter = eager.sample(turns, Sampling(max_new_tokens=8), greedy=True)
+    assert compiled.sample(turns, Sampling(max_new_tokens=8), greedy=True) == with_adapter
+    eager.use_adapter("base")
+    assert eager.sample(turns, Sampling(max_new_tokens=8), greedy=True) != with_adapter  # the adapter mattered
 
 
 def test_compile_stays_off_where_unsupported(engine, monkeypatch, caplog):
