@@ -15,7 +15,7 @@ import pytest
 
 from clot import data
 from clot.engine import Choice
-from clot.tasks import Candidate, Language, Task
+from clot.tasks import Candidate, ClotError, Language, Request, Task
 from training import explore as ex
 from training import instructions as ins
 
@@ -209,3 +209,31 @@ def test_two_processes_share_the_prompts_and_merge_them_in_order(tiny_dir, run_d
     assert second.returncode == 0, second.stderr[-3000:]
     for name in ("samples.jsonl", "records.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_memory_budget_decides_prompts_per_call_from_the_kv_cache_size(tiny_dir, run_dir, engine, tmp_path,
+                                                                       monkeypatch):
+    settings = settings_for(tiny_dir, run_dir, memory_budget_gb=0.01, out=str(tmp_path / "budget"), max_prompts=7)
+    # tiny: 2 layers × 2 KV heads × 16 dims × (keys + values) × 4 bytes = 512 bytes per position;
+    # a prompt: 5 rows × (1024 image + 256 text + 12 new) positions
+    per_prompt = 512 * 5 * (1024 + 256 + 12)
+    assert settings.batch_size(engine.model.config, 4) == int(0.01 * 2**30 // per_prompt) == 3
+    assert settings_for(tiny_dir, run_dir).batch_size(engine.model.config, 4) == 4  # no budget: prompts_per_batch
+
+    # the estimate bounds what a real batch of 3 image prompts puts in the cache
+    dataset = data.load(data.SAMPLE_DIR)
+    prompts = [p for p in dataset.prompts() if p.image][:3]
+    turns = [t for p in prompts for t in engine.turns_for(Request(task=p.task, image=dataset.images.open(p.image),
+                                                                  text=p.question or "", num_candidates=5).validate())]
+    width = engine.encode(turns)["input_ids"].shape[1]
+    assert len(turns) * (width + 12) * 512 <= 0.01 * 2**30
+
+    sizes = []
+    original = ex.explore_batch
+    monkeypatch.setattr(ex, "explore_batch", lambda engine, batch, *a, **k: sizes.append(len(batch)) or
+                        original(engine, batch, *a, **k))
+    engine.adapters_dir = run_dir / "adapters"
+    ex.explore(settings, engine=engine)
+    assert sizes == [3, 3, 1]
+    with pytest.raises(ClotError, match="memory_budget_gb"):
+        settings_for(tiny_dir, run_dir, memory_budget_gb=-1).validate()

@@ -134,3 +134,16 @@ def test_tiny_preset_runs_under_two_processes(tmp_path):
         assert adapters.validate(tmp_path / "adapters" / name)["metrics"]["steps"] > 0
     assert json.loads((tmp_path / "run" / "explore-r1" / "summary.json").read_text())["processes"] == 2
     assert (tmp_path / "run" / "eval" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_fills_every_stage_with_known_valid_settings(preset):
+    from training import evaluate, explore, instructions, sft
+    from training.config import load_config
+
+    load_config(run_clot.RunSettings, preset, "clot")
+    load_config(instructions.InstructionSettings, preset, "instructions")
+    load_config(sft.TrainSettings, preset, "training")
+    load_config(sft.TrainSettings, preset, "training", also="stage2")
+    load_config(explore.ExploreSettings, preset, "explore").validate()
+    load_config(evaluate.EvalSettings, preset, "evaluation")

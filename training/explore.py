@@ -43,6 +43,7 @@ from clot.tasks import ClotError, Language, Request, Sampling, Task  # noqa: E40
 
 log = logging.getLogger(__name__)
 FORMATS = ("conditioned", "plain")
+PROMPT_TEXT_TOKENS = 256  # system turn, instruction, question and condition of a generation row: generous
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ExploreSettings:
     dedup: float = 0.9  # a candidate this similar (0..1) to an earlier one or to a human answer is dropped
     max_prompts: int = 0  # explore only the first N training prompts (0: all)
     prompts_per_batch: int = 8  # prompts per generate call: bounds memory
+    memory_budget_gb: float = 0.0  # KV-cache budget of one generate call; when set, it decides prompts_per_batch
     formats: list = field(default_factory=lambda: list(FORMATS))  # how accepted answers become records
     device: str = "auto"
     max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS
@@ -79,6 +81,18 @@ class ExploreSettings:
     @property
     def instructions_dir(self) -> Path:
         return Path(self.instructions or Path(self.run_dir) / "instructions")
+
+    def batch_size(self, config, dtype_bytes: int) -> int:
+        """Prompts per generate call: `prompts_per_batch`, or with `memory_budget_gb` set, as many as
+        that budget holds in KV cache. Each prompt has num_conditions rows of at most
+        max_image_tokens + PROMPT_TEXT_TOKENS + max_new_tokens positions (an upper estimate)."""
+        if not self.memory_budget_gb:
+            return self.prompts_per_batch
+        text = config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype_bytes  # keys + values
+        positions = self.num_conditions * (self.max_image_tokens + PROMPT_TEXT_TOKENS + self.max_new_tokens)
+        return max(1, int(self.memory_budget_gb * 2**30 // (per_position * positions)))
 
     def sampling(self, seed: int) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -99,6 +113,8 @@ class ExploreSettings:
             raise ClotError(f"formats must be a non-empty list of {FORMATS}, got {self.formats}.")
         if self.prompts_per_batch < 1:
             raise ClotError("prompts_per_batch must be at least 1.")
+        if self.memory_budget_gb < 0:
+            raise ClotError(f"memory_budget_gb must be 0 (off) or more, got {self.memory_budget_gb}.")
         self.sampling(0)
         return self
 
@@ -297,8 +313,11 @@ def explore(settings: ExploreSettings, engine=None) -> dict:
         seen = len(done)
         bar = tqdm(total=len(mine), initial=len(done), desc=f"explore r{settings.round}", unit="prompt",
                    disable=rank != 0)
-        for start in range(0, len(todo), settings.prompts_per_batch):
-            batch = todo[start:start + settings.prompts_per_batch]
+        per_call = settings.batch_size(engine.model.config, engine.model.dtype.itemsize)
+        if settings.memory_budget_gb:
+            log.info("memory_budget_gb=%s holds %d prompts per generate call", settings.memory_budget_gb, per_call)
+        for start in range(0, len(todo), per_call):
+            batch = todo[start:start + per_call]
             records = explore_batch(engine, batch, dataset.images, nouns, settings, adapter=settings.adapter or None)
             for record in records:
                 record["adapter_created"] = card.get("created")
