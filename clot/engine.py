@@ -214,6 +214,8 @@ class Engine:
         self.prefixes = PrefixStore(size=16)
         self.fixed_length = False  # benchmarks on random weights: always generate max_new_tokens
         self.compile = False  # static KV cache + torch.compile for decoding: see set_compile
+        self._compile_config = CompileConfig()
+        self._compile_config._compile_all_devices = True  # transformers compiles by itself only on GPUs
         self.model.eval()
 
     @classmethod
@@ -238,12 +240,12 @@ class Engine:
 
     def set_compile(self, on: bool) -> bool:
         """Decode with a static KV cache and a torch.compile'd forward (transformers' own
-        compiled-generation path). It pays off where one step's Python and kernel-launch overhead is
-        a large part of its time (GPUs, small models) and costs a compilation per new batch shape
-        or adapter (tens of seconds), so it is off by default. Unsupported places turn it off with a warning:
-        devices other than CUDA and CPU, a CPU without a C++ compiler, and ZeroGPU Spaces.
-        Rows then do not share their prefix prefill (that needs a growing cache), but scoring still
-        does. Returns whether it is on."""
+        compiled-generation path). It pays off where one step's Python and kernel-launch overhead
+        is a large part of its time (GPUs, small models) and costs a compilation per new batch
+        shape or adapter (tens of seconds), so it is off by default. Where it is unsupported it
+        stays off with a warning: devices other than CUDA and CPU, a CPU without a C++ compiler,
+        and ZeroGPU Spaces. Generation rows then do not share their prefix prefill (that needs a
+        growing cache); scoring still does. Returns whether it is on."""
         reason = None
         if on and self.device.type not in ("cuda", "cpu"):
             reason = f"torch.compile is not supported on {self.device.type}"
@@ -254,8 +256,6 @@ class Engine:
         if reason:
             log.warning("Compiled decoding stays off: %s.", reason)
         self.compile = bool(on) and reason is None
-        self._compile_config = CompileConfig()
-        self._compile_config._compile_all_devices = True  # transformers compiles by itself only on GPUs
         return self.compile
 
     # ---------------------------------------------------------------- adapters
