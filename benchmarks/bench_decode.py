@@ -54,6 +54,26 @@ def bandwidth(device: torch.device, megabytes: int) -> float:
     return 2 * source.numel() / statistics.median(times[1:])
 
 
+def measure(size: str, args) -> dict:
+    """One model's bound and decode step (eager, and compiled with --compile); the model is freed
+    on return, before the next size loads."""
+    engine = load_engine(size, args.device)
+    engine.fixed_length = True
+    turn = Turn(prompts.generation_prompt(Task.T2T, Language.EN, "Why did the cat apply for a job?"), Language.EN)
+    runs = {n: (lambda n=n: engine.sample([turn], Sampling(seed=0, max_new_tokens=n))) for n in (args.short, args.long)}
+    nbytes = weight_bytes(engine)
+    speed = bandwidth(engine.device, args.copy_mb)
+    bound = nbytes / speed
+    result = {"weight_bytes": nbytes, "dtype": str(next(engine.model.parameters()).dtype),
+              "bandwidth_bytes_per_s": speed, "bound_ms": bound * 1e3}
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        engine.set_compile(mode == "compiled")  # the warm-up round of compare() pays the compilation
+        t = compare(runs)
+        step = (t[args.long] - t[args.short]) / (args.long - args.short)
+        result[f"{mode}_step_ms"], result[f"{mode}_ratio"] = step * 1e3, step / bound
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,small")
@@ -64,27 +84,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the static-cache + torch.compile setting")
     parser.add_argument("--name", default="decode", help="results file: benchmarks/results/<name>.json")
     args = parser.parse_args()
-    rows, results = [], {}
-    for size in args.sizes.split(","):
-        engine = load_engine(size, args.device)
-        engine.fixed_length = True
-        turn = Turn(prompts.generation_prompt(Task.T2T, Language.EN, "Why did the cat apply for a job?"), Language.EN)
-        runs = {n: (lambda n=n: engine.sample([turn], Sampling(seed=0, max_new_tokens=n)))
-                for n in (args.short, args.long)}
-        nbytes = weight_bytes(engine)
-        speed = bandwidth(engine.device, args.copy_mb)
-        bound = nbytes / speed
-        result = {"weight_bytes": nbytes, "dtype": str(next(engine.model.parameters()).dtype),
-                  "bandwidth_bytes_per_s": speed, "bound_ms": bound * 1e3}
-        for mode in ("eager", "compiled") if args.compile else ("eager",):
-            engine.set_compile(mode == "compiled")  # the warm-up round of compare() pays the compilation
-            t = compare(runs)
-            step = (t[args.long] - t[args.short]) / (args.long - args.short)
-            result[f"{mode}_step_ms"], result[f"{mode}_ratio"] = step * 1e3, step / bound
-            rows.append([size, mode, result["dtype"], f"{nbytes / 2**20:.0f} MiB", f"{speed / 1e9:.1f} GB/s",
-                         bound * 1e3, step * 1e3, f"{step / bound:.2f}×"])
-        results[size] = result
-        del engine
+    results = {size: measure(size, args) for size in args.sizes.split(",")}
+    modes = ("eager", "compiled") if args.compile else ("eager",)
+    rows = [[size, mode, r["dtype"], f"{r['weight_bytes'] / 2**20:.0f} MiB",
+             f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", r["bound_ms"], r[f"{mode}_step_ms"],
+             f"{r[f'{mode}_ratio']:.2f}×"] for size, r in results.items() for mode in modes]
     print(table(["model", "decoding", "dtype", "weights read per step", "measured bandwidth", "bound ms",
                  "decode step ms", "step / bound"], rows))
     last = results[args.sizes.split(",")[-1]]

@@ -12,6 +12,7 @@ A recipe has shared top-level keys (base_model, run_dir, seed) and one section p
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -27,6 +28,14 @@ from clot.tasks import ClotError  # noqa: E402
 
 T = TypeVar("T")
 SHARED = ("base_model", "run_dir", "seed")
+
+
+def recipe_parser(doc: str, section: str) -> argparse.ArgumentParser:
+    """The command line of a stage script: a YAML recipe and `--set` overrides of its `section`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML recipe (its `{section}` section and shared keys)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    return parser
 
 
 def parse_overrides(items: list[str] | None, section: str) -> dict[str, Any]:

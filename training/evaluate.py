@@ -18,7 +18,6 @@ Question record: {"id", "kind", "task", "lang", "prompt_id", "image", "question"
 
 from __future__ import annotations
 
-import argparse
 import collections
 import datetime as dt
 import hashlib
@@ -36,8 +35,8 @@ from typing import Protocol
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.config import load_config, resolve_base_model  # noqa: E402
-from training.instructions import RANK_SIZE, LiteralWriter  # noqa: E402
+from training.config import load_config, recipe_parser, resolve_base_model  # noqa: E402
+from training.instructions import RANK_SIZE, DatasetSettings, LiteralWriter  # noqa: E402
 
 from clot import adapters as registry  # noqa: E402
 from clot import data as oogiri  # noqa: E402
@@ -65,14 +64,7 @@ NDCG_DEFINITION = (
 
 
 @dataclass
-class EvalSettings:
-    base_model: str = "tiny"
-    run_dir: str = "runs/tiny"
-    seed: int = 0
-    data: str = str(oogiri.SAMPLE_DIR)  # a dataset folder, or "hub"
-    split: str = ""  # split file; default <run_dir>/split.json (made if missing, as instructions do)
-    test_ratio: float = 0.05  # only used when the split has to be made
-    require_star: bool = False
+class EvalSettings(DatasetSettings):
     max_per_cell: int = 0  # at most this many prompts per language × task × kind (0: all)
     literal_model: str = "base"  # writes literal distractors: "base", "none", or a hub id / path
     literal_cache: str = ""  # default <run_dir>/literal-cache.json (shared with instruction building)
@@ -218,8 +210,7 @@ def question_set(settings: EvalSettings, get_engine) -> tuple[dict, Path, oogiri
     its path; the dataset's images. `get_engine()` gives the engine (for writing literal texts)."""
     dataset = oogiri.load(settings.data, require_star=settings.require_star)
     all_prompts = dataset.prompts()
-    split_path = Path(settings.split or Path(settings.run_dir) / "split.json")
-    split = oogiri.load_or_make_split(split_path, all_prompts, settings.test_ratio, settings.seed)
+    split = oogiri.load_or_make_split(settings.split_path, all_prompts, settings.test_ratio, settings.seed)
     literal_id = "none" if settings.literal_model == "none" else (
         settings.base_model if settings.literal_model == "base" else settings.literal_model)
     provenance = {"version": VERSION, "seed": settings.seed, "split_hash": split.hash,
@@ -594,12 +585,10 @@ def evaluate(settings: EvalSettings, models: list[str], engine=None, force: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (its `evaluation` section and shared keys)")
+    parser = recipe_parser(__doc__, "evaluation")
     parser.add_argument("--models", default="base", help="comma-separated: base and/or adapter names")
     parser.add_argument("--out", help="output folder (default <run_dir>/eval)")
     parser.add_argument("--force", action="store_true", help="evaluate models again even if results exist")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

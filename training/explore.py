@@ -16,7 +16,6 @@ launch` / `torchrun` every process explores its own share of the prompts.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import hashlib
 import json
@@ -33,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tqdm import tqdm  # noqa: E402
 
 from training import instructions as instruction_set  # noqa: E402
-from training.config import distributed, load_config, resolve_base_model  # noqa: E402
+from training.config import distributed, load_config, recipe_parser, resolve_base_model  # noqa: E402
 
 from clot import adapters, prompts  # noqa: E402
 from clot import data as oogiri  # noqa: E402
@@ -353,10 +352,7 @@ def explore(settings: ExploreSettings, engine=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (its `explore` section and shared keys)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    args = parser.parse_args(argv)
+    args = recipe_parser(__doc__, "explore").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         summary = explore(load_config(ExploreSettings, args.config, "explore", args.set))

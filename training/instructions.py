@@ -12,7 +12,6 @@ built by clot.prompts and `answer` is the exact target text.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
@@ -31,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm  # noqa: E402
 
-from training.config import load_config, resolve_base_model  # noqa: E402
+from training.config import load_config, recipe_parser, resolve_base_model  # noqa: E402
 
 from clot import data as oogiri  # noqa: E402
 from clot import prompts  # noqa: E402
@@ -47,14 +46,24 @@ RANK_SIZE = 5
 
 
 @dataclass
-class InstructionSettings:
+class DatasetSettings:
+    """The data a run reads and its train/test split: shared by instruction building and evaluation."""
+
     base_model: str = "tiny"
     run_dir: str = "runs/tiny"
     seed: int = 0
     data: str = str(oogiri.SAMPLE_DIR)  # a dataset folder, or "hub"
     split: str = ""  # split file; default <run_dir>/split.json, made if missing
-    test_ratio: float = 0.05
+    test_ratio: float = 0.05  # only used when the split has to be made
     require_star: bool = False
+
+    @property
+    def split_path(self) -> Path:
+        return Path(self.split or Path(self.run_dir) / "split.json")
+
+
+@dataclass
+class InstructionSettings(DatasetSettings):
     # Instructions per answer (generation, conditioned, masked, selection) or per rankable prompt
     # (ranking); a fraction is the chance of one more. The paper does not state its mixture.
     mixture: dict = field(default_factory=lambda: {"generation": 1.0, "conditioned": 1.0, "masked": 0.5,
@@ -70,10 +79,6 @@ class InstructionSettings:
     @property
     def out_dir(self) -> Path:
         return Path(self.run_dir) / "instructions"
-
-    @property
-    def split_path(self) -> Path:
-        return Path(self.split or Path(self.run_dir) / "split.json")
 
     def validate(self) -> "InstructionSettings":
         unknown = set(self.mixture) - set(KINDS)
@@ -375,10 +380,7 @@ def read_records(folder: str | Path, part: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (its `instructions` section and shared keys)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    args = parser.parse_args(argv)
+    args = recipe_parser(__doc__, "instructions").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         settings = load_config(InstructionSettings, args.config, "instructions", args.set)

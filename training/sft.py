@@ -13,7 +13,6 @@ complete checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -34,7 +33,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from training import instructions as instruction_set  # noqa: E402
-from training.config import SHARED, load_config, resolve_base_model  # noqa: E402
+from training.config import SHARED, load_config, recipe_parser, resolve_base_model  # noqa: E402
 
 from clot import adapters  # noqa: E402
 from clot import data as oogiri  # noqa: E402
@@ -389,10 +388,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (its `training` section and shared keys)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    args = parser.parse_args(argv)
+    args = recipe_parser(__doc__, "training").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         settings = load_config(TrainSettings, args.config, "training", args.set)
