@@ -37,7 +37,8 @@ def array(recorded: dict) -> torch.Tensor:
 
 def pixel_values(prompt_name: str) -> torch.Tensor | None:
     """The prompt's images preprocessed as the original does: PIL bicubic 448x448, /255, CLIP mean/std."""
-    names = [element["image"] for element in RECORDED["prompts"][prompt_name] if "image" in element]
+    names = [element["image"] for element in RECORDED["prompts"].get(prompt_name, [])
+             if "image" in element]
     if not names:
         return None
     images = []
@@ -164,7 +165,10 @@ def test_official_style_lora_matches_the_original(model, tmp_path, safetensors):
     from peft import PeftModel
 
     lora = RECORDED["lora"]
+    assert lora["prompt"] == "one_image"  # the recorded adapter visibly changes that prompt's logits:
+    assert not torch.allclose(array(lora["case"]["max"]), array(CASES["one_image"]["max"]), atol=1e-2)
     adapter = write_recorded_adapter(tmp_path / "adapter", safetensors)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     wrapped = PeftModel.from_pretrained(model, adapter)
     try:
         case = lora["case"]
@@ -174,7 +178,9 @@ def test_official_style_lora_matches_the_original(model, tmp_path, safetensors):
         print(f"lora ({'safetensors' if safetensors else 'bin'}): max |logit difference| "
               f"{max_difference(case, logits):.3g}")
     finally:
-        wrapped.unload()  # puts the plain modules back into the shared model
+        wrapped.unload()  # puts the plain modules back into the shared model, and unfreezes it:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable[name])
 
 
 def test_forward_options_agree(model):
