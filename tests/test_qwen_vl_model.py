@@ -86,7 +86,7 @@ def greedy(model, input_ids, attention_mask, pixels) -> list:
     return output[:, input_ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("name", ["text", "one_image", "two_images", "short_text"])
+@pytest.mark.parametrize("name", ["text", "one_image", "two_images", "short_text", "long_text"])
 def test_logits_and_greedy_tokens_match_the_original(model, name):
     case = CASES[name]
     difference = max_difference(case, forward(model, name))
@@ -133,6 +133,19 @@ def test_shared_prefix_then_rows_continued_with_positions_equals_plain_forward(m
             full = torch.cat([ids[0, :prefix_length], tails[row]])[None]
             plain = model(input_ids=full, pixel_values=pixel_values("one_image")).logits[0, prefix_length:]
             torch.testing.assert_close(continued[row], plain, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_ntk_factor_is_per_row_and_kept_while_decoding():
+    from clot.models.qwen_vl.modeling_qwen_vl import QwenVLRotaryEmbedding
+
+    rotary = QwenVLRotaryEmbedding(QwenVLConfig(**TINY_CONFIG))  # seq_length 256
+    assert [rotary.alpha_for(n) for n in (1, 256, 257, 512, 513)] == [1, 1, 3, 3, 7]
+    assert rotary.choose_alphas([100, 300], prefill=True) == [1, 3]
+    assert rotary.choose_alphas([101, 600], prefill=False) == [1, 3]  # the cached keys used these
+    rotary.choose_alphas([300], prefill=True)
+    assert rotary.choose_alphas([301, 290], prefill=False) == [3, 3]  # one prefix continued by two rows
+    rotary.choose_alphas([300, 10], prefill=True)
+    assert rotary.choose_alphas([600, 10, 10], prefill=False) == [7, 1, 1]  # a cache assembled elsewhere
 
 
 def test_image_count_must_match_the_image_runs(model):

@@ -51,6 +51,9 @@ PROMPTS = {
     "two_images": [{"image": "image1.png"}, {"image": "image2.png"},
                    {"text": "Write a funny caption comparing these two pictures."}],
     "short_text": [{"text": "Hi!"}],
+    # Just under seq_length, so greedy decoding crosses it: the original keeps the prefill's NTK factor.
+    "long_text": [{"text": "Tell me a long joke about a cat who learns to program, and make the punchline land. " * 11
+                           + "Please keep it short and funny, thank you."}],
 }
 BATCH = ["text", "short_text"]  # left-padded together; both stay under seq_length, see the note below
 LORA_PROMPT = "one_image"
@@ -169,7 +172,9 @@ def record(original: Path) -> dict:
         os.chdir(work)  # the original re-reads images by the (relative) path written in the prompt
         ids = {name: prompt_ids(tokenizer, elements) for name, elements in PROMPTS.items()}
         cases, full_logits = {}, {}
-        for name in ("text", "one_image", "two_images", "short_text"):
+        seq_length = random_weights.TINY_CONFIG["seq_length"]
+        assert seq_length - NEW_TOKENS < len(ids["long_text"]) < seq_length, "long_text must cross seq_length"
+        for name in PROMPTS:
             row = torch.tensor([ids[name]])
             cases[name], full_logits[name] = run_case(model, row, torch.ones_like(row), probe_ids)
 

@@ -197,8 +197,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+    """Rotates the first cos.shape[-1] channels of each head (all of them at rotary_pct 1), in fp32."""
+    rotated, kept = x.float().split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+    return torch.cat([rotated * cos + rotate_half(rotated) * sin, kept], dim=-1).type_as(x)
 
 
 class QwenVLAttention(nn.Module):
