@@ -3,6 +3,7 @@
 tests/fixtures/qwen_vl/model.json was written by tests/reference/record_qwen_vl_model.py from the
 original code (transformers 4.32) on the seeded tiny weights of random_weights.py; here the same
 weights go into our classes and every logit, greedy token and LoRA output must agree.
+Importing clot (any clot module) registers the classes with transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-import clot  # noqa: F401  (registers the Qwen-VL classes with transformers' Auto classes)
 from clot.models.qwen_vl.configuration_qwen_vl import QwenVLConfig
 from clot.models.qwen_vl.modeling_qwen_vl import QwenVLForCausalLM
 from clot.models.qwen_vl.random_weights import TINY_CONFIG, fill_, random_tensor
@@ -72,11 +72,11 @@ def model() -> QwenVLForCausalLM:
     return fill_(QwenVLForCausalLM(QwenVLConfig(**TINY_CONFIG)), RECORDED["seed"]).eval()
 
 
-def forward(model, name: str, **extra) -> torch.Tensor:
+def forward(model, name: str) -> torch.Tensor:
     case = CASES[name]
     with torch.no_grad():
         return model(input_ids=torch.tensor(case["input_ids"]), attention_mask=torch.tensor(case["attention_mask"]),
-                     pixel_values=pixel_values(name), **extra).logits
+                     pixel_values=pixel_values(name)).logits
 
 
 def greedy(model, input_ids, attention_mask, pixels) -> list:
