@@ -5,8 +5,11 @@ Importing `clot` registers them, so `AutoConfig`, `AutoTokenizer`, `AutoProcesso
 (`model_type: qwen`) with `trust_remote_code` left False.
 """
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from clot.models.qwen_vl.configuration_qwen_vl import QwenVLConfig
+from clot.models.qwen_vl.modeling_qwen_vl import QwenVLForCausalLM
 
 AutoConfig.register("qwen", QwenVLConfig)
+AutoModelForCausalLM.register(QwenVLConfig, QwenVLForCausalLM)
+AutoModelForImageTextToText.register(QwenVLConfig, QwenVLForCausalLM)

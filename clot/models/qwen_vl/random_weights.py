@@ -1,6 +1,6 @@
 """Seeded random weights for a tiny Qwen-VL-Chat, identical in any environment with the same torch.
 
-The parity fixtures (tests/reference/record_qwen_vl.py) are recorded from the original remote code
+The parity fixtures (tests/reference/record_qwen_vl_model.py) are recorded from the original remote code
 in a separate transformers 4.32 environment; the tests rebuild the same weights here and compare.
 Each tensor is drawn from its own generator seeded by (seed, name), so the values depend only on
 the checkpoint key and shape, never on module construction order. This file imports only torch
