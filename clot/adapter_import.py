@@ -86,8 +86,7 @@ def fetch_source(source: str) -> Path:
 
 def read_base_config(base: str):
     """The base model's config (a local folder's config.json, or the hub's)."""
-    import clot  # noqa: F401  registers the families we implement (model_type qwen) with AutoConfig
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # importing clot registered our own families (model_type qwen)
 
     folder = Path(base)
     if folder.is_dir() and not (folder / "config.json").is_file():
