@@ -194,6 +194,9 @@ def test_official_qwen_vl_adapter_imports_with_its_card(tmp_path, monkeypatch):
     assert saved.keys() == weights.keys() and all(torch.equal(saved[k], weights[k]) for k in weights)
     assert json.loads((path / adapters.CONFIG).read_text())["target_modules"] == ["c_attn", "attn.c_proj"]
     assert adapters.AdapterInfo("clot-cn", path, card).summary().startswith("official · base ")
+    from training import run_clot
+
+    assert f"CVPR 2024): official, imported from {source}, for" in " ".join(run_clot.model_card("clot-cn", card).split())
 
     # a base folder that is not the declared one is refused unless forced
     other = _qwen_vl_base(tmp_path / "models" / "some-other-model")
