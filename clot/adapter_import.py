@@ -13,7 +13,6 @@ import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from clot import adapters
 from clot.tasks import ClotError, Language
@@ -144,6 +143,8 @@ def import_adapter(source: str, name: str, adapters_dir: str | Path = "adapters"
         raise ClotError(f"Unknown stage {stage!r}: use official or imported.")
     if languages is None:
         languages = ["zh"] if stage == "official" else []
+    if any(code.lower() == "auto" for code in languages):
+        raise ClotError("--languages names the languages the adapter was trained on (en, zh, ja), not auto.")
     languages = [Language.parse(code).value for code in languages]
 
     folder = fetch_source(source)
@@ -181,6 +182,7 @@ def import_adapter(source: str, name: str, adapters_dir: str | Path = "adapters"
                               licence=_licence(source, base, model_type), layout_keys_mapped=moved)
     with tempfile.TemporaryDirectory(prefix="clot-import-") as staging:  # publish copies it in atomically
         staging = Path(staging)
+        # own copies: safetensors refuses tensors that share storage, which a .bin may hold
         save_file({key: tensor.contiguous().clone() for key, tensor in weights.items()},
                   str(staging / adapters.WEIGHTS), metadata={"format": "pt"})
         adapters.write_json_atomic(staging / adapters.CONFIG, peft_config)

@@ -60,7 +60,7 @@ def _peft_logits(base_dir, adapter_dir) -> torch.Tensor:
         return model(input_ids=TOKENS).logits
 
 
-def test_bin_and_safetensors_import_identically_with_a_card(engine, tiny_dir, tmp_path):
+def test_bin_and_safetensors_import_identically_with_a_card(engine, tmp_path):
     source = _peft_source(engine, tmp_path)
     from_bin = import_adapter(str(_as_bin(source, tmp_path / "bin")), "from-bin", tmp_path / "out")
     from_safetensors = import_adapter(str(source), "from-st", tmp_path / "out")
@@ -232,6 +232,7 @@ def test_cli_publishes_and_refuses_in_one_sentence(engine, tmp_path, capsys):
                                                            "adapter folder nor a hub id like owner/name."),
         ([str(source), "--name", "../x"], "error: Invalid adapter name '../x'"),
         ([str(source), "--name", "x", "--languages", "fr"], "error: Unknown language 'fr'"),
+        ([str(source), "--name", "x", "--languages", "auto"], "error: --languages names the languages"),
     ]
     for argv, expected in cases:
         assert main(["import", *argv, "--adapters-dir", str(out)]) == 1
