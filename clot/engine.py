@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,7 +313,9 @@ class Engine:
         model = self.model
         try:
             if not isinstance(model, PeftModel):
-                model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+                with warnings.catch_warnings():  # _keys_not_landed below turns this warning into a refusal
+                    warnings.filterwarnings("ignore", message="Found missing adapter keys")
+                    model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
             else:
                 if name in model.peft_config:
                     model.delete_adapter(name)
