@@ -330,8 +330,6 @@ class Engine:
                     model.delete_adapter(name)
                 elif model is not self.model:  # the first adapter: give the bare base model back
                     model.unload()
-                    model = self.model
-            self.model = model
             if self.active_adapter != registry.BASE and isinstance(self.model, PeftModel):
                 self.model.set_adapter(self.active_adapter)
             raise ClotError(f"Adapter {name!r} {problem}") from None
