@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clot import adapters
-from clot.adapter_import import import_adapter
+from clot.adapter_import import OFFICIAL_ID, import_adapter
 from clot.tasks import ClotError
 
 from conftest import make_adapter
@@ -177,14 +177,20 @@ def test_official_qwen_vl_adapter_imports_with_its_card(tmp_path, monkeypatch):
     weights = {f"base_model.model.transformer.h.{i}.attn.{m}.lora_{ab}.weight": torch.randn(4, 4, generator=generator)
                for i in range(2) for m in ("c_attn", "c_proj") for ab in "AB"}
     torch.save(weights, source / "adapter_model.bin")
+    (source / "README.md").write_text("# CLoT-cn\n")
     base = _qwen_vl_base(tmp_path / "models" / "Qwen-VL-Chat")
+    downloads = []
+    monkeypatch.setattr("huggingface_hub.snapshot_download",
+                        lambda repo_id, allow_patterns: downloads.append(repo_id) or str(source))
 
     with pytest.raises(ClotError, match="cannot be reached on the hub.*pass a local folder of the base model with "
                                         "--base-model"):
-        import_adapter(str(source), "clot-cn", tmp_path / "out", stage="official")
-    path = import_adapter(str(source), "clot-cn", tmp_path / "out", base_model=str(base), stage="official")
+        import_adapter(OFFICIAL_ID, "clot-cn", tmp_path / "out")
+    path = import_adapter(OFFICIAL_ID, "clot-cn", tmp_path / "out", base_model=str(base))
+    assert downloads == [OFFICIAL_ID, OFFICIAL_ID]
+    assert (path / "README.md").read_text() == "# CLoT-cn\n"
     card = adapters.validate(path)
-    assert card["stage"] == "official" and card["languages"] == ["zh"] and card["source"] == str(source)
+    assert card["stage"] == "official" and card["languages"] == ["zh"] and card["source"] == OFFICIAL_ID
     assert card["base_model"] == str(base) and card["declared_base"] == "Qwen/Qwen-VL-Chat"
     assert "Tongyi Qianwen licence" in card["licence"] and card["layout_keys_mapped"] == 0
     from transformers import AutoConfig
@@ -196,7 +202,7 @@ def test_official_qwen_vl_adapter_imports_with_its_card(tmp_path, monkeypatch):
     assert adapters.AdapterInfo("clot-cn", path, card).summary().startswith("official · base ")
     from training import run_clot
 
-    assert f"CVPR 2024): official, imported from {source}, for" in " ".join(run_clot.model_card("clot-cn", card).split())
+    assert f"CVPR 2024): official, imported from {OFFICIAL_ID}, for" in " ".join(run_clot.model_card("clot-cn", card).split())
 
     # a base folder that is not the declared one is refused unless forced
     other = _qwen_vl_base(tmp_path / "models" / "some-other-model")
@@ -233,6 +239,8 @@ def test_cli_publishes_and_refuses_in_one_sentence(engine, tmp_path, capsys):
         ([str(source), "--name", "../x"], "error: Invalid adapter name '../x'"),
         ([str(source), "--name", "x", "--languages", "fr"], "error: Unknown language 'fr'"),
         ([str(source), "--name", "x", "--languages", "auto"], "error: --languages names the languages"),
+        (["nobody/no-such-adapter", "--name", "x"], "error: Could not download the adapter nobody/no-such-adapter "
+                                                     "from the hub"),
     ]
     for argv, expected in cases:
         assert main(["import", *argv, "--adapters-dir", str(out)]) == 1
