@@ -201,7 +201,8 @@ def _keys_not_landed(model, name: str, path: Path) -> str | None:
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    expected = set(get_peft_model_state_dict(model, adapter_name=name))
+    # no embedding check: "auto" would query the hub for the base's config on every load
+    expected = set(get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False))
     with safe_open(str(path / registry.WEIGHTS), framework="pt") as f:
         given = set(f.keys())
     unexpected, missing = sorted(given - expected), sorted(expected - given)
