@@ -3,7 +3,9 @@
 An adapter is a folder `<adapters>/<name>/` holding peft's `adapter_config.json` and
 `adapter_model.safetensors` plus our card `clot.json`. Publishing writes the whole folder under
 a hidden staging name and renames it into place, so a running demo never sees half an adapter.
-Only safetensors weights are ever loaded: pickle files are refused.
+Only safetensors weights are ever loaded: pickle files are refused. Adapters made elsewhere (the
+authors' CLoT-cn, other tools' LoRAs) come in through `python -m clot.adapters import`
+(clot/adapter_import.py).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class AdapterInfo:
         return f"{stat.st_mtime_ns}-{stat.st_size}-{self.card.get('created', '')}"
 
     def summary(self) -> str:
-        """One readable line: stage, round, base, date and evaluation numbers if any."""
+        """One readable line: stage, round, base, languages, date and evaluation numbers if any."""
         card = self.card
         parts = [stage_label(card), f"base {card.get('base_model', '?')}"]
         if card.get("languages"):
