@@ -79,9 +79,10 @@ def test_bin_and_safetensors_import_identically_with_a_card(engine, tmp_path):
 
 def test_imported_adapter_changes_logits_exactly_as_peft_on_the_original(engine, tiny_dir, tmp_path):
     source = _peft_source(engine, tmp_path, seed=12)
-    import_adapter(str(_as_bin(source, tmp_path / "bin")), "imported-12", engine.adapters_dir)
+    original = _as_bin(source, tmp_path / "bin")
+    import_adapter(str(original), "imported-12", engine.adapters_dir)
     served = _engine_logits(engine, "imported-12")
-    assert torch.equal(served, _peft_logits(tiny_dir, source))
+    assert torch.equal(served, _peft_logits(tiny_dir, original))
     assert not torch.allclose(served, _engine_logits(engine, "base"), atol=1e-3)
 
 
