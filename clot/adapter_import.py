@@ -10,6 +10,7 @@ Every check runs before anything is written.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -194,7 +195,8 @@ def import_adapter(source: str, name: str, adapters_dir: str | Path = "adapters"
 def add_arguments(parser) -> None:
     parser.add_argument("source", help="hub id (e.g. zhongshsh/CLoT-cn) or a folder with a PEFT adapter")
     parser.add_argument("--name", required=True, help="the adapter's name in the adapters folder")
-    parser.add_argument("--adapters-dir", default="adapters")
+    parser.add_argument("--adapters-dir", default=os.environ.get("CLOT_ADAPTERS_DIR", "adapters"),
+                        help="the adapters folder (env CLOT_ADAPTERS_DIR; default %(default)s)")
     parser.add_argument("--base-model", default=None,
                         help="hub id or local folder of the base (default: the adapter's own base_model_name_or_path)")
     parser.add_argument("--stage", choices=["official", "imported"], default=None,

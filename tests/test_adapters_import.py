@@ -161,7 +161,8 @@ def test_checkpoint_that_needs_pickle_is_refused_and_nothing_is_written(engine, 
 def _qwen_vl_base(folder: Path) -> Path:
     folder.mkdir(parents=True)
     config = {"model_type": "qwen", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "intermediate_size": 64, "vocab_size": 151936, "visual": {"layers": 1, "width": 32, "heads": 2}}
+              "intermediate_size": 64, "vocab_size": 151936, "visual": {"layers": 1, "width": 32, "heads": 2},
+              "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig"}}  # as on the hub; ours is used
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
