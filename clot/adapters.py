@@ -3,7 +3,9 @@
 An adapter is a folder `<adapters>/<name>/` holding peft's `adapter_config.json` and
 `adapter_model.safetensors` plus our card `clot.json`. Publishing writes the whole folder under
 a hidden staging name and renames it into place, so a running demo never sees half an adapter.
-Only safetensors weights are ever loaded: pickle files are refused.
+Only safetensors weights are ever loaded: pickle files are refused. Adapters made elsewhere (the
+authors' CLoT-cn, other tools' LoRAs) come in through `python -m clot.adapters import`
+(clot/adapter_import.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ CARD = "clot.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 BASE = "base"  # the name that means "no adapter"
+STAGES = (1, 2, "official", "imported")  # trained here (CLoT stage 1 or 2), or imported (python -m clot.adapters import)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -60,12 +63,11 @@ class AdapterInfo:
         return f"{stat.st_mtime_ns}-{stat.st_size}-{self.card.get('created', '')}"
 
     def summary(self) -> str:
-        """One readable line: stage, round, base, date and evaluation numbers if any."""
+        """One readable line: stage, round, base, languages, date and evaluation numbers if any."""
         card = self.card
-        parts = [f"stage {card.get('stage', '?')}"]
-        if card.get("round"):
-            parts.append(f"round {card['round']}")
-        parts.append(f"base {card.get('base_model', '?')}")
+        parts = [stage_label(card), f"base {card.get('base_model', '?')}"]
+        if card.get("languages"):
+            parts.append("languages " + ", ".join(card["languages"]))
         if card.get("created"):
             parts.append(str(card["created"])[:16].replace("T", " "))
         metrics = card.get("evaluation") or card.get("metrics") or {}  # evaluation numbers first
@@ -139,11 +141,22 @@ def discover(folder: str | Path) -> list[AdapterInfo]:
     return found
 
 
-def make_card(*, base_model: str, fingerprint: str, stage: int, round: int = 0, **extra: Any) -> dict:
+def make_card(*, base_model: str, fingerprint: str, stage: int | str, round: int = 0, **extra: Any) -> dict:
+    """`stage` is 1 or 2 for adapters trained here, "official" or "imported" for adapters made elsewhere."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     card = {"base_model": base_model, "base_fingerprint": fingerprint, "stage": stage, "round": round,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     card.update(extra)
     return card
+
+
+def stage_label(card: dict) -> str:
+    """How a card's stage reads: "stage 1", "stage 2 · round 1", "official" or "imported"."""
+    stage = card.get("stage", "?")
+    if stage in ("official", "imported"):
+        return str(stage)
+    return f"stage {stage} · round {card['round']}" if card.get("round") else f"stage {stage}"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -209,3 +222,27 @@ def publish(source: str | Path, folder: str | Path, name: str, card: dict) -> Pa
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
     return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Manage the adapters folder: python -m clot.adapters import <hub id or folder> --name <name>."""
+    import argparse
+    import sys
+
+    from clot import adapter_import
+
+    parser = argparse.ArgumentParser(prog="python -m clot.adapters", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    adapter_import.add_arguments(commands.add_parser("import", help="convert and publish a PEFT adapter made elsewhere"))
+    args = parser.parse_args(argv)
+    try:
+        path = adapter_import.run(args)
+    except ClotError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"imported {path.name}: {AdapterInfo(path.name, path, read_card(path)).summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

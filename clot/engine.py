@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,27 @@ def _load_pretrained(loader, name: str, **kwargs):
             "(--base-model /path/to/model), or run with --tiny for an offline smoke test.") from None
 
 
+def _keys_not_landed(model, name: str, path: Path) -> str | None:
+    """Why the adapter's weights don't match the modules it made (peft only warns), or None.
+
+    Keys named for another layout of the base load as a silent no-op: unexpected in the file, and the
+    LoRA modules they were meant for keep their initial (zero) update."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    # no embedding check: "auto" would query the hub for the base's config on every load
+    expected = set(get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False))
+    with safe_open(str(path / registry.WEIGHTS), framework="pt") as f:
+        given = set(f.keys())
+    unexpected, missing = sorted(given - expected), sorted(expected - given)
+    if not unexpected and not missing:
+        return None
+    example = (unexpected or missing)[0]
+    return (f"does not fit this base model: {len(unexpected)} of its {len(given)} weights match no module "
+            f"and {len(missing)} LoRA weights are missing (e.g. {example}); re-import it with "
+            "`python -m clot.adapters import`.")
+
+
 class Engine:
     """A loaded base model with its processor, the adapters folder, and one lock around the model."""
 
@@ -289,20 +311,30 @@ class Engine:
     def _load_adapter(self, name: str, path: Path) -> None:
         from peft import PeftModel
 
+        model = self.model
         try:
-            if not isinstance(self.model, PeftModel):
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+            if not isinstance(model, PeftModel):
+                with warnings.catch_warnings():  # _keys_not_landed below turns this warning into a refusal
+                    warnings.filterwarnings("ignore", message="Found missing adapter keys")
+                    model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
             else:
-                if name in self.model.peft_config:
-                    self.model.delete_adapter(name)
+                if name in model.peft_config:
+                    model.delete_adapter(name)
                     self._loaded.pop(name, None)
-                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            problem = _keys_not_landed(model, name, path)
         except Exception as err:  # a damaged or mismatched adapter must not take the engine down
-            if isinstance(self.model, PeftModel) and name in self.model.peft_config and len(self.model.peft_config) > 1:
-                self.model.delete_adapter(name)
+            problem = f"could not be loaded: {str(err).splitlines()[0][:200]}"
+        if problem:
+            if isinstance(model, PeftModel) and name in model.peft_config:
+                if len(model.peft_config) > 1:
+                    model.delete_adapter(name)
+                elif model is not self.model:  # the first adapter: give the bare base model back
+                    model.unload()
             if self.active_adapter != registry.BASE and isinstance(self.model, PeftModel):
                 self.model.set_adapter(self.active_adapter)
-            raise ClotError(f"Adapter {name!r} could not be loaded: {str(err).splitlines()[0][:200]}") from None
+            raise ClotError(f"Adapter {name!r} {problem}") from None
+        self.model = model
         self.model.eval()
 
     def _adapter_scope(self):

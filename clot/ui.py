@@ -356,8 +356,7 @@ class Studio:
     def adapter_choices(self) -> list[tuple[str, str]]:
         choices = [(f"base · {self.engine.base_model} (no adapter)", registry.BASE)]
         for info in self.engine.list_adapters():
-            card = info.card
-            choices.append((f"{info.name} · stage {card.get('stage', '?')}, round {card.get('round', 0)}", info.name))
+            choices.append((f"{info.name} · {registry.stage_label(info.card)}", info.name))
         return choices
 
     def adapter_rows(self) -> list[list[str]]:

@@ -39,7 +39,7 @@ def make_adapter(engine, name: str, seed: int = 0, stage: int = 1, round: int = 
     from clot import adapters
 
     base = AutoModelForImageTextToText.from_pretrained(engine.base_model, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     peft_model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -303,8 +303,9 @@ def model_card(name: str, card: dict) -> str:
     metrics = card.get("metrics") or {}
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"| {k} | {v} |"
                      for k, v in metrics.items())
-    stage = "stage 1 (associable instruction tuning)" if card.get("stage") == 1 else \
-        f"stage 2 (explorative self-refinement), round {card.get('round')}"
+    stage = {1: "stage 1 (associable instruction tuning)",
+             2: f"stage 2 (explorative self-refinement), round {card.get('round')}"}.get(
+        card.get("stage"), f"{card.get('stage')}, imported from {card.get('source')}")
     return f"""---
 base_model: {card.get('base_model')}
 library_name: peft

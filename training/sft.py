@@ -43,7 +43,9 @@ from clot.tasks import ClotError, Language  # noqa: E402
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label value the loss skips
-LM_ATTENTION = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+# Plain names, not a path regex, so the adapter loads under both Qwen2.5-VL layouts and in other tools;
+# on Qwen2.5-VL they select exactly the language model's attention (the vision tower has qkv/proj).
+LM_ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 
 
 @dataclass
