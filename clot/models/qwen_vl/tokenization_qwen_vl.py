@@ -163,6 +163,11 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         kwargs.pop("sanitize_control_tokens", None)
         return super()._encode_plus(*args, **kwargs)
 
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, bytes):  # the original's token form; a list of them works through the base class
+            return self.ranks.get(tokens)
+        return super().convert_tokens_to_ids(tokens)
+
     def _convert_token_to_id(self, token: str | bytes) -> int | None:
         if isinstance(token, bytes):
             return self.ranks.get(token)
