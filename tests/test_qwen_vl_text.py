@@ -25,7 +25,12 @@ from clot.models.qwen_vl.configuration_qwen_vl import IMAGE_END_ID, IMAGE_PAD_ID
 from clot.models.qwen_vl.image_processing_qwen_vl import QwenVLImageProcessor
 from clot.models.qwen_vl.processing_qwen_vl import DEFAULT_SYSTEM, QwenVLProcessor, save_processor_files
 from clot.models.qwen_vl.random_weights import TINY_CONFIG
-from clot.models.qwen_vl.tokenization_qwen_vl import QwenVLTokenizer, bundled_vocab_file, escape_control_tokens
+from clot.models.qwen_vl.tokenization_qwen_vl import (
+    CHAT_STOP_TOKEN_IDS,
+    QwenVLTokenizer,
+    bundled_vocab_file,
+    escape_control_tokens,
+)
 from clot.tasks import ClotError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "qwen_vl"
@@ -104,7 +109,8 @@ def test_vocabulary_and_special_ids_are_the_originals(tokenizer):
                 "</img>": IMAGE_END_ID, "<imgpad>": IMAGE_PAD_ID}
     assert {token: tokenizer.convert_tokens_to_ids(token) for token in expected} == expected
     assert tokenizer.convert_ids_to_tokens(list(expected.values())) == list(expected)
-    assert tokenizer.pad_token_id == ENDOFTEXT_ID
+    assert tokenizer.pad_token_id == ENDOFTEXT_ID and tokenizer.model_max_length == 8192
+    assert CHAT_STOP_TOKEN_IDS == (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id)
 
 
 @pytest.mark.parametrize("name", [name for name, case in ENCODE.items() if "ids" in case and "error" not in case["ids"]])

