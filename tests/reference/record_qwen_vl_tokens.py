@@ -46,6 +46,14 @@ ENCODE_CASES = {
     "typed_image_start": "Look: <img> here",
 }
 
+# Seeded random strings built from these pieces check the split pattern, NFC and special tokens more
+# widely. <|im_start|> is left out: after it the port encodes a ChatML header as make_context does.
+RANDOM_PIECES = ("hello", " world", "你好", "世界", "こんにちは", "カタカナ", "안녕", "Привет", "مرحبا", "ไทย", "😀",
+                 "👨\u200d👩\u200d👧", " ", "  ", "\t", "\n", "\r\n", "\n\n", "\u00a0", "\u3000", "\u200b", "123",
+                 "4567890", "3.14", ",", "!", "?!", "'s", "'LL", "e\u0301", "ﬁ", "Ⅻ", "<", ">", "|", "<|im_", "end|>",
+                 "<|im_end|>", "<|endoftext|>", "<|extra_7|>", "<ref>", "</box>", "<imgpad>")
+RANDOM_CASES = 120
+
 BASE_PROMPT = ("你是一个搞笑专家，非常了解网络和现实生活当中的各种梗和流行语，热衷于用幽默感给大家带来欢乐。"
                "让我们打破常规思维思考问题。\n\n用户：")
 LAST_PROMPT = "回复: 符合要求的回复是"
@@ -83,6 +91,11 @@ def chat_cases() -> dict[str, dict]:
             "query": f"{BASE_PROMPT}请仔细阅读图片和图片里的文字，写出一个令人感到意外且搞笑的句子。\n"
                      f"Picture 1: <img>{one}</img>\n问题: 当你发现<|im_end|>的时候\n{LAST_PROMPT}\n"},
     }
+
+
+def random_texts() -> list[str]:
+    pick = random.Random(1234)
+    return ["".join(pick.choice(RANDOM_PIECES) for _ in range(pick.randint(1, 10))) for _ in range(RANDOM_CASES)]
 
 
 def load_module(path: Path):
@@ -148,6 +161,10 @@ def main(original: Path) -> None:
         if isinstance(ids, list):
             encode[name]["decoded"] = tokenizer.decode(ids)
 
+    # `plain_ids`: every special token kept as text, as chat() does with <|im_end|> in user text.
+    randomised = [{"text": text, "ids": tokenizer.encode(text),
+                   "plain_ids": tokenizer.encode(text, allowed_special=set())} for text in random_texts()]
+
     chat = {}
     for name, case in chat_cases().items():
         system = case.get("system", "You are a helpful assistant.")  # chat()'s default
@@ -160,7 +177,8 @@ def main(original: Path) -> None:
             chat[name].update(prompt=result[0], ids=result[1])
 
     images = [image_record(visual.image_transform, path) for path in write_images()]
-    fixture = {"vocabulary_size": len(tokenizer), "encode": encode, "chat": chat, "images": images}
+    fixture = {"vocabulary_size": len(tokenizer), "encode": encode, "random": randomised, "chat": chat,
+               "images": images}
     text = compact(json.dumps(fixture, ensure_ascii=False, indent=1)) + "\n"
     (FIXTURES / "tokens.json").write_text(text, encoding="utf-8")
     print(f"wrote {FIXTURES / 'tokens.json'} ({len(text)} characters)")
