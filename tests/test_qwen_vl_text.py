@@ -109,7 +109,7 @@ def test_vocabulary_and_special_ids_are_the_originals(tokenizer):
                 "</img>": IMAGE_END_ID, "<imgpad>": IMAGE_PAD_ID}
     assert {token: tokenizer.convert_tokens_to_ids(token) for token in expected} == expected
     assert tokenizer.convert_ids_to_tokens(list(expected.values())) == list(expected)
-    assert tokenizer.pad_token_id == ENDOFTEXT_ID and tokenizer.model_max_length == 8192
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == ENDOFTEXT_ID and tokenizer.model_max_length == 8192
     assert CHAT_STOP_TOKEN_IDS == (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id)
 
 
@@ -253,10 +253,19 @@ def test_batch_is_left_padded(processor):
     assert batch["pixel_values"].shape == (1, 3, 448, 448)
 
 
-def test_continue_final_message(processor):
-    conversation = [{"role": "user", "content": "Tell a joke."}, {"role": "assistant", "content": "Why"}]
+def test_system_and_answer_prefix_as_content_lists(processor):
+    """The engine's shape: system and assistant contents as lists of text items, the answer continued."""
+    conversation = [{"role": "system", "content": [{"type": "text", "text": "Be funny."}]},
+                    {"role": "user", "content": [{"type": "image", "image": fixture_image("tok_image_1.png")},
+                                                 {"type": "text", "text": "Caption?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Answer: A"}]}]
     prompt = processor.apply_chat_template(conversation, continue_final_message=True, tokenize=False)
-    assert prompt.endswith("<|im_start|>assistant\nWhy")
+    assert prompt == ("<|im_start|>system\nBe funny.<|im_end|>\n<|im_start|>user\nPicture 1:<img></img>\nCaption?"
+                      "<|im_end|>\n<|im_start|>assistant\nAnswer: A")
+    batch = processor.apply_chat_template(
+        [conversation], continue_final_message=True, tokenize=True, return_dict=True, return_tensors="pt",
+        sanitize_control_tokens=True, processor_kwargs={"padding": True, "padding_side": "left"})
+    assert processor.tokenizer.decode(batch["input_ids"][0]) == prompt
 
 
 # --- images ----------------------------------------------------------------------------------------

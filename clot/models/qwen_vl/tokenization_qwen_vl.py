@@ -94,8 +94,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     vocab_files_names = {"vocab_file": VOCAB_FILE}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file=None, errors="replace", pad_token=ENDOFTEXT, clean_up_tokenization_spaces=False,
-                 model_max_length=8192, **kwargs):
+    def __init__(self, vocab_file=None, errors="replace", eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
+                 clean_up_tokenization_spaces=False, model_max_length=8192, **kwargs):
         if vocab_file is None or not os.path.isfile(vocab_file):
             folder = kwargs.get("name_or_path") or "the tokenizer folder"
             raise ClotError(f"{folder} has no {VOCAB_FILE}: copy the Qwen-VL-Chat checkpoint's {VOCAB_FILE} "
@@ -110,7 +110,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         self._added_tokens_decoder = {index: AddedToken(token, special=True, normalized=False)
                                       for token, index in self.special_ids.items()}
         kwargs.pop("added_tokens_decoder", None)  # always the fixed set above
-        super().__init__(errors=errors, pad_token=pad_token, model_max_length=model_max_length,
+        # The original sets no eos or pad token; these are the checkpoint's generation_config ids.
+        super().__init__(errors=errors, eos_token=eos_token, pad_token=pad_token, model_max_length=model_max_length,
                          clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
     @property
