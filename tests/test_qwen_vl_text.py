@@ -325,3 +325,8 @@ def test_processor_files_complete_a_hub_folder(hub_folder):
     assert processor.apply_chat_template(messages(case), add_generation_prompt=True, tokenize=False) == \
         without_paths(case["prompt"])
     assert chat_ids(processor, messages(case))["input_ids"][0].tolist() == with_pads(case["ids"])
+
+    saved = json.loads((hub_folder / "processor_config.json").read_text())
+    saved["image_processor"]["size"] = {"height": 224, "width": 224}
+    (hub_folder / "processor_config.json").write_text(json.dumps(saved))
+    assert AutoProcessor.from_pretrained(hub_folder).image_processor.size.height == 224  # saved settings are used

@@ -75,12 +75,13 @@ class QwenVLProcessor(ProcessorMixin):
 
 
 def load_image_processor(pretrained_model_name_or_path, **kwargs) -> QwenVLImageProcessor:
-    """The folder's image processor, or the default one where the folder has no preprocessor config."""
-    config_file = cached_file(pretrained_model_name_or_path, "preprocessor_config.json",
-                              _raise_exceptions_for_missing_entries=False, subfolder=kwargs.get("subfolder", ""))
-    if config_file is None:
-        return QwenVLImageProcessor()
-    return QwenVLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    """The folder's image processor (from processor_config.json or preprocessor_config.json), or the
+    default one where the folder has neither."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if cached_file(pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                       subfolder=kwargs.get("subfolder", "")):
+            return QwenVLImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    return QwenVLImageProcessor()
 
 
 def save_processor_files(folder: str | os.PathLike, vocab_file: str | None = None) -> QwenVLProcessor:

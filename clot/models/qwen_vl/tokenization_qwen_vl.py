@@ -8,6 +8,12 @@ Typed special tokens in a whole string are parsed, as the original's `encode` do
 transformers' control-token markers (`apply_chat_template(..., sanitize_control_tokens=True)`, or
 `escape_control_tokens`) stays plain text and is encoded together with the text around it, exactly
 as the original `chat()` encodes user text.
+
+Deliberate differences from the original, all outside what `chat()` produces from plain user text:
+- `<img>…</img>` holds no file path: `<img>`, `</img>` and `<imgpad>` are plain special tokens, and
+  the processor puts 256 pads between the image markers (the original refuses a lone `<img>`).
+- After `<|im_start|>`, role, line break and message are encoded apart, as `make_context` does; a
+  whole-string encode in the original merges the line break with a message starting with whitespace.
 """
 
 from __future__ import annotations
