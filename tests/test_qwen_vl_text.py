@@ -309,6 +309,8 @@ def hub_folder(tmp_path) -> Path:
 def test_hub_folder_loads_without_remote_code(hub_folder):
     tokenizer = AutoTokenizer.from_pretrained(hub_folder, trust_remote_code=False)
     assert isinstance(tokenizer, QwenVLTokenizer)
+    tokenizer.save_pretrained(hub_folder / "saved")
+    assert "auto_map" not in json.loads((hub_folder / "saved" / "tokenizer_config.json").read_text())
     processor = AutoProcessor.from_pretrained(hub_folder, trust_remote_code=False)
     assert isinstance(processor, QwenVLProcessor) and isinstance(processor.image_processor, QwenVLImageProcessor)
     case = CHAT["one_image"]

@@ -116,6 +116,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         self._added_tokens_decoder = {index: AddedToken(token, special=True, normalized=False)
                                       for token, index in self.special_ids.items()}
         kwargs.pop("added_tokens_decoder", None)  # always the fixed set above
+        kwargs.pop("auto_map", None)  # the hub's pointer to the remote code this class replaces: not saved again
         # The original sets no eos or pad token; these are the checkpoint's generation_config ids.
         super().__init__(errors=errors, eos_token=eos_token, pad_token=pad_token, model_max_length=model_max_length,
                          clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
