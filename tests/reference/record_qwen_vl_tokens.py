@@ -7,6 +7,7 @@ runs this script. To regenerate (the output is identical bit for bit):
     bash tests/reference/setup_qwen_vl_env.sh                 # once: the transformers 4.32 reference env
     # the original files of the checkpoint, e.g. from the GitHub mirror x1ngzai/Qwen-VL-Chat-Int4:
     # tokenization_qwen.py, tokenizer_config.json, qwen.tiktoken, qwen_generation_utils.py, visual.py
+    # (a CRLF copy of qwen.tiktoken, as some mirrors serve it, reads the same)
     ../qwen-vl-refenv/bin/python tests/reference/record_qwen_vl_tokens.py ORIGINAL_DIR
 
 Image prompts: the original writes the image file's path between <img> and </img> (as byte ids padded
@@ -151,6 +152,7 @@ def main(original: Path) -> None:
             shutil.copy(original / name, folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     make_context = load_module(original / "qwen_generation_utils.py").make_context
+    # Only its image_transform is used: the tower's own sizes do not matter.
     visual = load_module(original / "visual.py").VisionTransformer(
         image_size=448, patch_size=14, width=64, layers=1, heads=4, mlp_ratio=2.0, output_dim=128)
 
