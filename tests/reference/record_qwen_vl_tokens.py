@@ -18,7 +18,9 @@ to 256); the tests compare with the path removed. Images are numbered across the
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import os
 import random
 import re
 import shutil
@@ -114,6 +116,12 @@ def outcome(function):
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def write_images() -> list[Path]:
     """Two small synthetic images: an RGB gradient with seeded noise, and an RGBA one with transparency
     (the original drops alpha with PIL's convert("RGB"))."""
@@ -124,9 +132,10 @@ def write_images() -> list[Path]:
     rgba[..., 3] = np.where(rng.random((50, 29)) < 0.5, 0, 255)
     paths = []
     for name, pixels, mode in ((IMAGE_FILES[0], rgb, "RGB"), (IMAGE_FILES[1], rgba, "RGBA")):
-        path = FIXTURES / name
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode).save(path, optimize=False)
-        paths.append(path)
+        png = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode).save(png, format="PNG", optimize=False)
+        write_atomically(FIXTURES / name, png.getvalue())
+        paths.append(FIXTURES / name)
     return paths
 
 
@@ -182,7 +191,7 @@ def main(original: Path) -> None:
     fixture = {"vocabulary_size": len(tokenizer), "encode": encode, "random": randomised, "chat": chat,
                "images": images}
     text = compact(json.dumps(fixture, ensure_ascii=False, indent=1)) + "\n"
-    (FIXTURES / "tokens.json").write_text(text, encoding="utf-8")
+    write_atomically(FIXTURES / "tokens.json", text.encode("utf-8"))
     print(f"wrote {FIXTURES / 'tokens.json'} ({len(text)} characters)")
 
 
