@@ -3,6 +3,7 @@ no [batch, seq, vocab] logits in a training step, an evaluation step or a scorin
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -54,16 +55,17 @@ def labelled_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != losses.IGNORE).sum())
 
 
-@pytest.fixture
-def head_rows(lora_model):
-    """Rows of every full-vocabulary output of the LM head (a pass-through call returns hidden states)."""
-    head = lora_model.get_output_embeddings()
-    seen = []
+@contextlib.contextmanager
+def vocabulary_rows(head):
+    """Rows of every full-vocabulary output of `head` (a passed-through call returns hidden states)."""
+    rows = []
     handle = head.register_forward_hook(
-        lambda module, args, output: seen.append(output.shape[:-1].numel()) if output.shape[-1] == head.out_features
-        else None)
-    yield seen
-    handle.remove()
+        lambda module, args, output: rows.append(math.prod(output.shape[:-1]))
+        if output.shape[-1] == head.out_features else None)
+    try:
+        yield rows
+    finally:
+        handle.remove()
 
 
 def trainable_grads(model) -> dict[str, torch.Tensor]:
@@ -121,8 +123,8 @@ def make_trainer(model, tmp_path, cls=sft.LabelledRowsTrainer, accumulation: int
 
 
 @pytest.mark.parametrize("accepts_loss_kwargs", [False, True])
-def test_training_step_runs_the_head_on_labelled_rows_only_with_trainers_loss(lora_model, batch, head_rows,
-                                                                              tmp_path, accepts_loss_kwargs):
+def test_training_step_runs_the_head_on_labelled_rows_only_with_trainers_loss(lora_model, batch, tmp_path,
+                                                                              accepts_loss_kwargs):
     """Qwen2.5-VL declares accepts_loss_kwargs = False (a per-batch mean, divided by the accumulation
     steps); a model that accepts them is normalised by the accumulated batch's labelled tokens."""
     from transformers import Trainer
@@ -132,48 +134,39 @@ def test_training_step_runs_the_head_on_labelled_rows_only_with_trainers_loss(lo
     plain.model_accepts_loss_kwargs = accepts_loss_kwargs
     expected_loss = plain.training_step(lora_model, dict(batch), num_items)
     expected = trainable_grads(lora_model)
-    head_rows.clear()
 
     trainer = make_trainer(lora_model, tmp_path)
     trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
-    loss = trainer.training_step(lora_model, dict(batch), num_items)
-    assert head_rows == [labelled_tokens(batch["labels"])]
+    with vocabulary_rows(lora_model.get_output_embeddings()) as rows:
+        loss = trainer.training_step(lora_model, dict(batch), num_items)
+    assert rows == [labelled_tokens(batch["labels"])]
     assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-5)
     got = trainable_grads(lora_model)
     for name, grad in expected.items():
         assert torch.allclose(got[name], grad, atol=1e-5, rtol=1e-4), name
 
 
-def test_evaluation_step_runs_the_head_on_labelled_rows_only(lora_model, batch, head_rows, tmp_path):
+def test_evaluation_step_runs_the_head_on_labelled_rows_only(lora_model, batch, tmp_path):
     with torch.no_grad():
         expected = lora_model(**batch).loss.item()
-    head_rows.clear()
     trainer = make_trainer(lora_model, tmp_path)
     trainer.eval_dataset = [batch]
-    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, abs=1e-5)
-    assert head_rows == [labelled_tokens(batch["labels"])]
+    with vocabulary_rows(lora_model.get_output_embeddings()) as rows:
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert rows == [labelled_tokens(batch["labels"])]
 
 
 @pytest.mark.parametrize("shared_prefill", [True, False])
-def test_scoring_runs_the_head_once_per_question(engine, shared_prefill):
+def test_scoring_runs_the_head_once_per_question(engine, shared_prefill, monkeypatch):
     picture = Pictures().open("abc")
     choices = [Choice("select", Task.I2T, Language.EN, ["a hat", "a cat", "a bat"], picture),
                Choice("select", Task.T2T, Language.EN, ["yes", "no"], question="Why?"),
                Choice("rank", Task.I2T, Language.EN, ["one", "two", "three", "four"], picture)]
-    head = engine.model.get_output_embeddings()
-    seen = []
-    handle = head.register_forward_hook(
-        lambda module, args, output: seen.append(tuple(output.shape)) if output.shape[-1] == head.out_features
-        else None)
-    engine.shared_prefill, engine.min_shared_prefix = shared_prefill, 4
+    monkeypatch.setattr(engine, "shared_prefill", shared_prefill)
+    monkeypatch.setattr(engine, "min_shared_prefix", 4)
     engine.prefixes.clear()
-    try:
+    with vocabulary_rows(engine.model.get_output_embeddings()) as rows:
         scores = engine.score(choices)
-    finally:
-        handle.remove()
-        engine.shared_prefill, engine.min_shared_prefix = True, 16
     assert bool(engine.prefixes.entries) == shared_prefill  # the shared path continues from stored prefixes
-    # one pass per kind of question (selections, then the ranking), one row per question
-    assert sum(math.prod(shape[:-1]) for shape in seen) == len(choices)
-    assert len(seen) == 2
+    assert rows == [2, 1]  # one pass per kind of question (the selections, then the ranking), a row each
     assert [len(s) for s in scores] == [3, 2, 4] and all(sum(s) == pytest.approx(1.0) for s in scores)
