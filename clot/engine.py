@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from clot import adapters as registry
+from clot import losses
 from clot import prompts
 from clot.nouns import draw_conditions, load_nouns
 from clot.prefix import PrefixStore, share_prefixes
@@ -430,7 +431,11 @@ class Engine:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id}
+        """<|im_end|>, the tokenizer's eos and the checkpoint's own eos ids (generation_config: [151645,
+        151643] on Qwen2.5-VL): passing eos_token_id to generate replaces the latter, so they are added."""
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id,
+               *(configured if isinstance(configured, (list, tuple)) else [configured])}
         return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
     # ---------------------------------------------------------------- scoring
@@ -470,8 +475,11 @@ class Engine:
                     turns = [Turn(t.text, t.lang, t.image) for t in turns]
                 inputs = self.encode(turns)
                 shared = self._shared_inputs(turns, inputs)
-                if shared is None:
-                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                if shared is None:  # the head runs on each question's last position only
+                    head = self.model.get_output_embeddings()
+                    with losses.head_bypassed(head):
+                        hidden_states = self.model(**inputs).logits
+                    logits = head(hidden_states[:, -1]).float()
                 else:  # one step of generation runs just the uncached part with the right positions
                     logits = self.model.generate(**shared, max_new_tokens=1, do_sample=False, temperature=None,
                                                  top_p=None, top_k=None, output_logits=True,

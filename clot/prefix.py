@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from clot.losses import head_bypassed
+
 
 @dataclass
 class Prefix:
@@ -141,8 +143,9 @@ def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: s
             extra["position_ids"] = (batch_mask.cumsum(-1) - 1).clamp(min=0)
         vlm.model.rope_deltas = None
         cache = DynamicCache(config=vlm.config)
-        model(input_ids=batch_ids, attention_mask=batch_mask, mm_token_type_ids=batch_kinds,
-              past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        with head_bypassed(model.get_output_embeddings()):  # only the cache is wanted: no logits at all
+            model(input_ids=batch_ids, attention_mask=batch_mask, mm_token_type_ids=batch_kinds,
+                  past_key_values=cache, use_cache=True, **extra)
         deltas = vlm.model.rope_deltas if vision_rows else None
         for row, g in enumerate(fresh):
             length = plans[g][0]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clot import data
+from clot import data, tiny
 from clot.engine import Choice
+from clot.prefix import PrefixStore
 from clot.tasks import Candidate, ClotError, Language, Request, Task
 from training import explore as ex
 from training import instructions as ins
@@ -215,18 +216,18 @@ def test_memory_budget_decides_prompts_per_call_from_the_kv_cache_size(tiny_dir,
                                                                        monkeypatch):
     settings = settings_for(tiny_dir, run_dir, memory_budget_gb=0.01, out=str(tmp_path / "budget"), max_prompts=7)
     # tiny: 2 layers × 2 KV heads × 16 dims × (keys + values) × 4 bytes = 512 bytes per position;
-    # a prompt: 5 rows × (1024 image + 256 text + 12 new) positions
-    per_prompt = 512 * 5 * (1024 + 256 + 12)
-    assert settings.batch_size(engine.model.config, 4) == int(0.01 * 2**30 // per_prompt) == 3
+    # a prompt: 5 rows × (1024 image + 256 text + 12 new) positions, and its stored prefix (1024 + 256)
+    per_prompt = 512 * (5 * (1024 + 256 + 12) + 1024 + 256)
+    assert settings.batch_size(engine.model.config, 4) == int(0.01 * 2**30 // per_prompt) == 2
     assert settings_for(tiny_dir, run_dir).batch_size(engine.model.config, 4) == 4  # no budget: prompts_per_batch
 
-    # the estimate bounds what a real batch of 3 image prompts puts in the cache
+    # the estimate bounds what a real batch of 2 image prompts puts in the cache, their prefixes included
     dataset = data.load(data.SAMPLE_DIR)
-    prompts = [p for p in dataset.prompts() if p.image][:3]
+    prompts = [p for p in dataset.prompts() if p.image][:2]
     turns = [t for p in prompts for t in engine.turns_for(Request(task=p.task, image=dataset.images.open(p.image),
                                                                   text=p.question or "", num_candidates=5).validate())]
     width = engine.encode(turns)["input_ids"].shape[1]
-    assert len(turns) * (width + 12) * 512 <= 0.01 * 2**30
+    assert (len(turns) * (width + 12) + len(prompts) * width) * 512 <= 0.01 * 2**30
 
     sizes = []
     original = ex.explore_batch
@@ -234,6 +235,38 @@ def test_memory_budget_decides_prompts_per_call_from_the_kv_cache_size(tiny_dir,
                         original(engine, batch, *a, **k))
     engine.adapters_dir = run_dir / "adapters"
     ex.explore(settings, engine=engine)
-    assert sizes == [3, 3, 1]
+    assert sizes == [2, 2, 2, 1]
     with pytest.raises(ClotError, match="memory_budget_gb"):
         settings_for(tiny_dir, run_dir, memory_budget_gb=-1).validate()
+
+
+def test_full_size_budget_counts_the_stored_prefixes(engine):
+    """The 3B preset: 36 layers × 2 KV heads × 128 dims × (keys + values) × 2 bytes (bf16) = 36 KiB
+    per position; a prompt takes 5 × (1024 + 256 + 64) + 1280 positions, so 8 GiB holds 29 prompts
+    (34 if the prefixes kept for ranking and selection were not counted)."""
+    config = tiny.model_config("3b", engine.tokenizer)
+    settings = ex.ExploreSettings(memory_budget_gb=8, max_new_tokens=64)
+    assert settings.batch_size(config, 2) == int(8 * 2**30 // (36 * 1024 * (5 * (1024 + 256 + 64) + 1280))) == 29
+
+
+def test_a_call_keeps_every_prompts_prefix_for_its_questions(tiny_dir, run_dir, engine, tmp_path, monkeypatch):
+    """With more prompts per call than the store held, each image prompt's prefix is prefilled once
+    (by its generation) and found again by its ranking and selection questions."""
+    monkeypatch.setattr(engine, "prefixes", PrefixStore(size=2))
+    outcomes: dict[str, list[bool]] = {}
+    find = engine.prefixes.find
+
+    def spy(key, ids, minimum):
+        found = find(key, ids, minimum)
+        outcomes.setdefault(key[1], []).append(found is not None)
+        return found
+
+    monkeypatch.setattr(engine.prefixes, "find", spy)
+    engine.adapters_dir = run_dir / "adapters"
+    ex.explore(settings_for(tiny_dir, run_dir, prompts_per_batch=5, max_prompts=5, out=str(tmp_path / "store")),
+               engine=engine)
+    assert engine.prefixes.size == 5
+    images = [found for key, found in outcomes.items() if key != "text"]
+    assert len(images) == 3  # the first five training prompts: three with an image
+    for found in images:
+        assert len(found) >= 2 and found[0] is False and all(found[1:])

@@ -84,13 +84,16 @@ class ExploreSettings:
     def batch_size(self, config, dtype_bytes: int) -> int:
         """Prompts per generate call: `prompts_per_batch`, or with `memory_budget_gb` set, as many as
         that budget holds in KV cache. Each prompt has num_conditions rows of at most
-        max_image_tokens + PROMPT_TEXT_TOKENS + max_new_tokens positions (an upper estimate)."""
+        max_image_tokens + PROMPT_TEXT_TOKENS + max_new_tokens positions (an upper estimate), and
+        its prompt's prefix (image and text) stays in the engine's prefix store for the ranking and
+        selection questions."""
         if not self.memory_budget_gb:
             return self.prompts_per_batch
         text = config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype_bytes  # keys + values
-        positions = self.num_conditions * (self.max_image_tokens + PROMPT_TEXT_TOKENS + self.max_new_tokens)
+        prompt = self.max_image_tokens + PROMPT_TEXT_TOKENS
+        positions = self.num_conditions * (prompt + self.max_new_tokens) + prompt
         return max(1, int(self.memory_budget_gb * 2**30 // (per_position * positions)))
 
     def sampling(self, seed: int) -> Sampling:
@@ -315,6 +318,8 @@ def explore(settings: ExploreSettings, engine=None) -> dict:
         per_call = settings.batch_size(engine.model.config, engine.model.dtype.itemsize)
         if settings.memory_budget_gb:
             log.info("memory_budget_gb=%s holds %d prompts per generate call", settings.memory_budget_gb, per_call)
+        # Every prompt of a call keeps its prefix for its ranking and selection questions.
+        engine.prefixes.size = max(engine.prefixes.size, per_call)
         for start in range(0, len(todo), per_call):
             batch = todo[start:start + per_call]
             records = explore_batch(engine, batch, dataset.images, nouns, settings, adapter=settings.adapter or None)

@@ -30,19 +30,20 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from training import instructions as instruction_set  # noqa: E402
 from training.config import SHARED, load_config, recipe_parser, resolve_base_model  # noqa: E402
 
 from clot import adapters  # noqa: E402
 from clot import data as oogiri  # noqa: E402
+from clot import losses  # noqa: E402
 from clot.engine import DEFAULT_MAX_IMAGE_TOKENS, Turn, load_processor, prepare_image  # noqa: E402
 from clot.tasks import ClotError, Language  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label value the loss skips
+IGNORE = losses.IGNORE  # label value the loss skips
 # Plain names, not a path regex, so the adapter loads under both Qwen2.5-VL layouts and in other tools;
 # on Qwen2.5-VL they select exactly the language model's attention (the vision tower has qkv/proj).
 LM_ATTENTION = "q_proj,k_proj,v_proj,o_proj"
@@ -180,6 +181,28 @@ class Collator:
         return batch
 
 
+# ---------------------------------------------------------------- the loss
+class LabelledRowsTrainer(Trainer):
+    """Trainer whose loss runs the LM head on the labelled positions only (clot.losses), instead of
+    the model's own loss over full-vocabulary logits at every position. The value is the same
+    (including Trainer's gradient-accumulation normalisation by `num_items_in_batch`)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        head = self.model.get_output_embeddings()  # self.model: not wrapped for distributed training
+        with losses.head_bypassed(head):
+            hidden_states = model(**inputs).logits  # the final hidden states: the head passed them through
+        if not self.model_accepts_loss_kwargs:  # as Trainer does: a per-batch mean, divided by the accumulation steps
+            num_items_in_batch = None
+        loss = losses.causal_lm_loss(hidden_states, head, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens; gradients are averaged over processes
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
+        return (loss, {}) if return_outputs else loss
+
+
 # ---------------------------------------------------------------- logging and checkpoints
 class CsvLog(TrainerCallback):
     """Appends every logged loss to a CSV (main process only), so a resumed run continues the file."""
@@ -283,7 +306,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     """Train (or resume), evaluate before and after on held-out instructions, publish the adapter.
     Returns the card (on every process; only the main process publishes)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments
+    from transformers import AutoModelForImageTextToText, TrainingArguments
 
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +364,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
         model = get_peft_model(model, lora)
 
     collator = Collator(processor, oogiri.image_store(manifest["data"]), settings.max_length)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set,
+    trainer = LabelledRowsTrainer(model=model, args=args, train_dataset=train_set,
                       eval_dataset=eval_set if len(eval_set) else None,
                       data_collator=collator, callbacks=[CsvLog(run_dir / "loss.csv")])
 
