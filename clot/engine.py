@@ -339,18 +339,11 @@ class Engine:
         return "studio"
 
     def default_sampling(self, seed: int | None = None) -> Sampling:
-        """Sampling defaults: ours, or with the official adapter the base checkpoint's generation_config
-        (Qwen-VL-Chat's says top_p 0.3, top_k 0 = off, up to 512 new tokens; METHOD.md §7), as the
-        authors' demo sampled. Values outside our limits are clipped to them."""
-        sampling = Sampling(seed=seed)
+        """Sampling defaults: ours, or with the official adapter the base checkpoint's generation_config,
+        as the authors' demo sampled (Qwen-VL-Chat's: top_p 0.3, top-k off, up to 512 new tokens)."""
         if self.template_set == "official":
-            config = self.model.generation_config
-            for name in ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty"):
-                value = getattr(config, name, None)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    low, high = Sampling.LIMITS[name]
-                    setattr(sampling, name, type(getattr(sampling, name))(min(max(value, low), high)))
-        return sampling
+            return Sampling.from_generation_config(self._vlm().generation_config, seed)
+        return Sampling(seed=seed)
 
     def _worded(self, choice: Choice) -> Choice:
         """A ranking or selection question in the active template set: the official adapter's are
@@ -434,7 +427,7 @@ class Engine:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _stop_ids(self) -> list[int]:
-        return self.family.stop_ids(self.tokenizer, self.model.generation_config)
+        return self.family.stop_ids(self.tokenizer, self._vlm().generation_config)
 
     # ---------------------------------------------------------------- scoring
     def _letters(self, answer_start: str, count: int) -> tuple[str, list[int]]:
