@@ -181,13 +181,20 @@ def test_engine_speaks_the_official_wording_while_the_official_adapter_is_active
     from conftest import make_adapter
 
     monkeypatch.setattr(engine, "adapters_dir", tmp_path)  # other tests' adapter listings stay as they were
-    make_adapter(engine, "official-like", seed=3, stage="official")
+    from clot import adapters
+    from clot.ui import Studio
+
+    folder = make_adapter(engine, "official-like", seed=3, stage="official")
+    card = adapters.read_card(folder)
+    adapters.write_json_atomic(folder / adapters.CARD, {**card, "languages": ["zh"]})  # as `clot.adapters import` writes
     request = Request(task="T2T", text="最开心的事情是什么？", num_candidates=2).validate()
     try:
         engine.use_adapter("official-like")
         monkeypatch.setattr(engine._vlm().generation_config, "top_p", 0.3)
         monkeypatch.setattr(engine._vlm().generation_config, "top_k", 0)
         assert engine.template_set == "official"
+        shown = Studio(engine).switch_adapter("official-like")  # the demo's adapter card
+        assert "· trained on zh" in shown and "top-p 0.3, top-k off" in shown
         assert (engine.default_sampling().top_p, engine.default_sampling().top_k) == (0.3, 0)
         turns = engine.turns_for(request)
         assert [t.text for t in turns] == [authors_message(Task.T2T, AUTHORS_QUERIES[Task.T2T][0], request.text)] * 2
