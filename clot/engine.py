@@ -234,7 +234,7 @@ class Engine:
         torch_device = pick_device(device)
         if torch_device.type == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("CLOT_CPU_THREADS", os.cpu_count() or 1))))
-        family = family_for(_load_pretrained(AutoConfig, base_model))  # an unsupported model fails before any weight loads
+        family = family_for(_load_pretrained(AutoConfig, base_model))  # refused before any weight loads
         processor = load_processor(base_model, max_image_tokens)
         model = _load_pretrained(family.model_class(), base_model,
                                  dtype=dtype or pick_dtype(torch_device), attn_implementation="sdpa")

@@ -186,7 +186,7 @@ def test_engine_speaks_the_official_wording_while_the_official_adapter_is_active
 
     folder = make_adapter(engine, "official-like", seed=3, stage="official")
     card = adapters.read_card(folder)
-    adapters.write_json_atomic(folder / adapters.CARD, {**card, "languages": ["zh"]})  # as `clot.adapters import` writes
+    adapters.write_json_atomic(folder / adapters.CARD, {**card, "languages": ["zh"]})  # as an imported card
     request = Request(task="T2T", text="最开心的事情是什么？", num_candidates=2).validate()
     try:
         engine.use_adapter("official-like")
