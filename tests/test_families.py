@@ -207,3 +207,34 @@ def test_engine_speaks_the_official_wording_while_the_official_adapter_is_active
         engine.use_adapter(None)
     assert engine.template_set == "studio" and engine.default_sampling() == Sampling()
     assert engine.turns_for(request)[0].text == prompts.generation_prompt(Task.T2T, Language.ZH, request.text)
+
+
+def test_shared_prefix_decoding_with_1d_positions_equals_plain_batching():
+    """The Qwen-VL family's position handling in clot/prefix.py, on a small random causal LM with the
+    same kind of positions (plain 1-D rotary, read from position_ids): every step's logits of shared-prefix
+    decoding equal those of plain left-padded batching."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from clot.prefix import PrefixStore, share_prefixes
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    family = QwenVL(SimpleNamespace(model_type="qwen", visual={"image_start_id": 93}))
+    shared = torch.randint(3, 90, (20,)).tolist()
+    rows = [shared + [5, 6, 7], shared + [8], shared[:18] + [9, 10, 11, 12]]  # the last one diverges earlier
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    turns = [SimpleNamespace(image=None)] * len(rows)
+    options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                   pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), **options)
+        inputs = share_prefixes(model, model, family, turns, {"input_ids": ids, "attention_mask": mask},
+                                PrefixStore(), "base", 8, 0)
+        assert inputs is not None and inputs["past_key_values"].get_seq_length() == 18  # the common 18 tokens
+        cached = model.generate(**inputs, **options)
+    for step_plain, step_cached in zip(plain.logits, cached.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_plain, atol=1e-5, rtol=1e-5)
