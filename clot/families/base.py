@@ -16,10 +16,10 @@ class Family:
     """The seam between the family-agnostic engine and one architecture (chat format, image tokens,
     stop tokens, LoRA targets, positions). One instance serves one loaded model's config."""
 
-    name = ""
-    model_types: tuple[str, ...] = ()
-    stop_tokens: tuple[str, ...] = ()  # chat-format tokens that end an assistant turn
-    lora_targets: str | list[str] = []  # peft target_modules: a regex over module names, or name suffixes
+    name: str  # shown to users
+    model_types: tuple[str, ...]  # config.model_type values it serves
+    stop_tokens: tuple[str, ...]  # chat-format tokens that end an assistant turn
+    lora_targets: str | list[str]  # peft target_modules: a regex over module names, or name suffixes
 
     def __init__(self, config):
         self.config = config
