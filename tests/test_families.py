@@ -9,7 +9,7 @@ import torch
 from transformers import BatchFeature, GenerationConfig
 
 from clot import prompts
-from clot.engine import Choice, Engine
+from clot.engine import Choice, Engine, main
 from clot.families import Qwen25VL, QwenVL, family_for, positions_from_mask
 from clot.models.qwen_vl.configuration_qwen_vl import QwenVLConfig
 from clot.tasks import ClotError, Language, Request, Sampling, Task
@@ -40,10 +40,12 @@ def test_unsupported_model_type_is_refused_in_one_sentence_naming_the_supported_
                               "qwen2_5_vl (Qwen2.5-VL), qwen (Qwen-VL-Chat).")
 
 
-def test_unsupported_checkpoint_fails_before_weights_load(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+def test_unsupported_checkpoint_fails_before_weights_load(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # no weights at all: never reached
     with pytest.raises(ClotError, match="Model type 'bert' is not supported"):
         Engine.load(str(tmp_path), device="cpu")
+    assert main(["--base-model", str(tmp_path), "--device", "cpu", "--text", "hi"]) == 2
+    assert capsys.readouterr().err.startswith("error: Model type 'bert' is not supported; supported model types:")
 
 
 def test_qwen_vl_stops_where_the_original_chat_stops():
