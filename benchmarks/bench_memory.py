@@ -56,7 +56,7 @@ def one_step(variant: str, size: str, batch: int, seq: int, answer: int, device:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from clot import losses, tiny
-    from training import sft
+    from clot.families import family_for
 
     config = tiny.model_config(size, tiny.build_tokenizer())
     config.text_config.vocab_size = REAL_VOCAB
@@ -64,7 +64,8 @@ def one_step(variant: str, size: str, batch: int, seq: int, answer: int, device:
     torch.manual_seed(0)
     with device:
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, target_modules=sft.LM_ATTENTION))
+    targets = family_for(model.config).lora_targets
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, target_modules=targets))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, REAL_VOCAB - 300, (batch, seq), generator=generator).to(device)
     labels = torch.full_like(ids, losses.IGNORE)

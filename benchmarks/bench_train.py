@@ -20,6 +20,7 @@ from common import save, table
 from clot import data as oogiri
 from clot import tiny
 from clot.engine import load_processor
+from clot.families import family_for
 from training import instructions as ins
 from training import sft
 
@@ -42,7 +43,8 @@ def main() -> None:
         folder = tiny.build(Path(tempfile.gettempdir()) / f"clot-bench-{size}", size=size)
         processor = load_processor(str(folder))
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
-        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, target_modules=sft.LM_ATTENTION))
+        targets = family_for(model.config).lora_targets
+        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, target_modules=targets))
         optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         collator = sft.Collator(processor, oogiri.image_store(oogiri.SAMPLE_DIR))
         batches = [collator(records[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps + 1)]

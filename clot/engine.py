@@ -17,7 +17,7 @@ import random
 import shutil
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 from clot import adapters as registry
 from clot import losses
 from clot import prompts
+from clot.families import family_for
 from clot.nouns import draw_conditions, load_nouns
 from clot.prefix import PrefixStore, share_prefixes
 from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task, clean_text
@@ -113,11 +114,14 @@ class Turn:
     image: Image.Image | None = None
     answer_prefix: str = ""
     persona: bool = True  # False: a plain assistant (literal descriptions and rewrites)
+    template_set: str = "studio"  # "official": the authors' CLoT-cn wording (clot/prompts.py)
 
     def conversation(self) -> list[dict]:
-        conversation = prompts.messages(self.text, self.lang, has_image=self.image is not None, persona=self.persona)
-        if self.image is not None:
-            conversation[1]["content"][0]["image"] = self.image
+        conversation = prompts.messages(self.text, self.lang, has_image=self.image is not None, persona=self.persona,
+                                        template_set=self.template_set)
+        for item in conversation[1]["content"]:
+            if item["type"] == "image":
+                item["image"] = self.image
         if self.answer_prefix:
             conversation.append({"role": "assistant", "content": [{"type": "text", "text": self.answer_prefix}]})
         return conversation
@@ -226,8 +230,10 @@ class Engine:
         self.base_model = base_model
         self.adapters_dir = Path(adapters_dir)
         self.device = device or next(model.parameters()).device
+        self.family = family_for(model.config)  # everything that differs between architectures
         self.fingerprint = registry.base_fingerprint(model.config)
         self.active_adapter = registry.BASE
+        self._cards: dict[str, dict] = {}  # adapter name -> its card, as last validated
         self._loaded: dict[str, str] = {}  # adapter name -> signature of the loaded copy
         self._letter_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self.lock = threading.RLock()  # one model, many users: generation and switching take turns
@@ -246,13 +252,14 @@ class Engine:
              device: str = "auto", dtype: torch.dtype | None = None, adapter: str | None = None,
              max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, compile: bool = False) -> "Engine":
         """Load a base model by hub id or local path (no remote code), optionally with an adapter."""
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoConfig
 
         torch_device = pick_device(device)
         if torch_device.type == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("CLOT_CPU_THREADS", os.cpu_count() or 1))))
+        family = family_for(_load_pretrained(AutoConfig, base_model))  # refused before any weight loads
         processor = load_processor(base_model, max_image_tokens)
-        model = _load_pretrained(AutoModelForImageTextToText, base_model,
+        model = _load_pretrained(family.model_class(), base_model,
                                  dtype=dtype or pick_dtype(torch_device), attn_implementation="sdpa")
         model.to(torch_device)
         engine = cls(model, processor, base_model=base_model, adapters_dir=adapters_dir, device=torch_device)
@@ -308,6 +315,7 @@ class Engine:
                 self._loaded[name] = signature
             self.model.set_adapter(name)
             self.active_adapter = name
+            self._cards[name] = card
 
     def _load_adapter(self, name: str, path: Path) -> None:
         from peft import PeftModel
@@ -355,26 +363,44 @@ class Engine:
             with self._adapter_scope(), torch.inference_mode():
                 yield
 
+    # ---------------------------------------------------------------- wording
+    @property
+    def template_set(self) -> str:
+        """The authors' official wording while their adapter (card stage `official`) is active, else ours."""
+        if self._cards.get(self.active_adapter, {}).get("stage") == "official":
+            return "official"
+        return "studio"
+
+    def default_sampling(self, seed: int | None = None) -> Sampling:
+        """Sampling defaults: ours, or with the official adapter the base checkpoint's generation_config,
+        as the authors' demo sampled (Qwen-VL-Chat's: top_p 0.3, top-k off, up to 512 new tokens)."""
+        if self.template_set == "official":
+            return Sampling.from_generation_config(self._vlm().generation_config, seed)
+        return Sampling(seed=seed)
+
+    def _worded(self, choice: Choice) -> Choice:
+        """A ranking or selection question in the active template set: the official adapter's are
+        unpublished, so it gets ours in Chinese, the only language it knows."""
+        if self.template_set == "official" and choice.lang != Language.ZH:
+            return replace(choice, lang=Language.ZH)
+        return choice
+
     # ---------------------------------------------------------------- encoding
     def encode(self, turns: list[Turn]):
         """Tokenize a batch of turns, left-padded. User text can never become control tokens."""
         continuing = any(t.answer_prefix for t in turns)
         if continuing and not all(t.answer_prefix for t in turns):
             raise ValueError("Turns of one batch must all have an answer prefix, or none.")
-        batch = self.processor.apply_chat_template(
-            [t.conversation() for t in turns],
-            add_generation_prompt=not continuing, continue_final_message=continuing,
-            tokenize=True, return_dict=True, return_tensors="pt", sanitize_control_tokens=True,
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        )
-        return batch.to(self.device)
+        return self.family.encode(self.processor, [t.conversation() for t in turns], continuing).to(self.device)
 
     # ---------------------------------------------------------------- generation
     def turns_for(self, request: Request) -> list[Turn]:
         """One row per candidate; a candidate's condition word goes into its own row's prompt."""
         image = prepare_image(request.image) if request.image is not None else None
+        template_set = self.template_set
         return [Turn(prompts.generation_prompt(request.task, request.language, request.text, condition,
-                                               request.wording), request.language, image)
+                                               request.wording, template_set), request.language, image,
+                     template_set=template_set)
                 for condition in request.conditions]
 
     def generate(self, request: Request, adapter: str | None = None) -> list[Candidate]:
@@ -389,8 +415,11 @@ class Engine:
         sampling = requests[0].sampling
         if any(r.sampling != sampling for r in requests):
             raise ValueError("Requests generated together must share their sampling settings.")
-        turns = [turn for r in requests for turn in self.turns_for(r)]
-        texts = self.sample(turns, sampling, adapter=adapter)
+        with self.lock:  # the adapter decides the wording, so it stays in use until the answers are in
+            if adapter is not None:
+                self.use_adapter(adapter)
+            turns = [turn for r in requests for turn in self.turns_for(r)]
+            texts = self.sample(turns, sampling)
         out, at = [], 0
         for r in requests:
             out.append([Candidate(text=texts[at + i], condition=c) for i, c in enumerate(r.conditions)])
@@ -423,7 +452,7 @@ class Engine:
         if not self.shared_prefill:
             return None
         adapter_key = f"{self.active_adapter}:{self._loaded.get(self.active_adapter, '')}"
-        return share_prefixes(self.model, self._vlm(), turns, inputs, self.prefixes, adapter_key,
+        return share_prefixes(self.model, self._vlm(), self.family, turns, inputs, self.prefixes, adapter_key,
                               self.min_shared_prefix, self.tokenizer.pad_token_id)
 
     def _vlm(self):
@@ -431,12 +460,7 @@ class Engine:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _stop_ids(self) -> list[int]:
-        """<|im_end|>, the tokenizer's eos and the checkpoint's own eos ids (generation_config: [151645,
-        151643] on Qwen2.5-VL): passing eos_token_id to generate replaces the latter, so they are added."""
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id,
-               *(configured if isinstance(configured, (list, tuple)) else [configured])}
-        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+        return self.family.stop_ids(self.tokenizer, self._vlm().generation_config)
 
     # ---------------------------------------------------------------- scoring
     def _letters(self, answer_start: str, count: int) -> tuple[str, list[int]]:
@@ -464,6 +488,7 @@ class Engine:
         that is the pick; for a ranking question, the option ranked funniest."""
         results: list[list[float] | None] = [None] * len(choices)
         with self.using(adapter):
+            choices = [self._worded(c) for c in choices]
             for start in sorted({c.answer_start for c in choices}):
                 group = [i for i, c in enumerate(choices) if c.answer_start == start]
                 width = max(len(choices[i].options) for i in group)
@@ -494,8 +519,13 @@ class Engine:
                              max_new_tokens: int = 256) -> list[list[int] | None]:
         """Answer choice questions by greedy generation and parsing, as the paper did.
         Selection → the picked option indices; ranking → the full order; None if unparsable."""
-        turns = [Turn(c.prompt(), c.lang, prepare_image(c.image) if c.image is not None else None) for c in choices]
-        texts = self.sample(turns, Sampling(max_new_tokens=max_new_tokens), adapter=adapter, greedy=True)
+        with self.lock:  # the adapter decides the wording, so it stays in use until the answers are in
+            if adapter is not None:
+                self.use_adapter(adapter)
+            choices = [self._worded(c) for c in choices]
+            turns = [Turn(c.prompt(), c.lang, prepare_image(c.image) if c.image is not None else None)
+                     for c in choices]
+            texts = self.sample(turns, Sampling(max_new_tokens=max_new_tokens), greedy=True)
         parsed = []
         for choice, text in zip(choices, texts):
             if choice.kind == "rank":
@@ -586,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         image = Image.open(args.image) if args.image else None
         request = Request(task=args.task, image=image, text=args.text, language=args.lang,
                           conditions=args.condition, num_candidates=args.num_candidates,
-                          sampling=Sampling(seed=args.seed))
+                          sampling=engine.default_sampling(args.seed))
         if args.mode == "clot":
             result = engine.clot(request)
             for i, c in enumerate(result.candidates):

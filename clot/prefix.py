@@ -13,6 +13,8 @@ that text is most of a request's cost, so instead of prefilling every row in ful
 
 Padding between a prefix and a shorter row suffix is masked and positions follow the mask, so
 every row computes exactly what it would compute alone (tests check this against plain batching).
+What depends on the architecture (which tokens are image tokens, the vision inputs, how positions
+continue after a prefix) is asked of the model's family (clot/families).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from clot.losses import head_bypassed
 class Prefix:
     ids: torch.Tensor  # 1-D token ids
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), batch 1
-    rope_delta: torch.Tensor  # [1, 1]: multimodal position offset of the text after the image
+    position_state: object  # what the family needs to continue positions after it (Qwen2.5-VL: rope delta)
 
 
 def image_key(image) -> str:
@@ -91,19 +93,17 @@ def _groups(turns, rows: list[torch.Tensor], minimum: int) -> list[list[int]]:
     return groups
 
 
-def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: str, minimum: int,
+def share_prefixes(model, vlm, family, turns, inputs, store: PrefixStore, adapter_key: str, minimum: int,
                    pad_id: int) -> dict | None:
     """Generate inputs (with `past_key_values`) that reuse or prefill each group's prefix once;
     None when nothing worth sharing was found (then plain batching is used)."""
     from transformers import DynamicCache
 
-    ids, mask, kinds = inputs["input_ids"], inputs["attention_mask"].bool(), inputs["mm_token_type_ids"]
+    ids, mask, kinds = inputs["input_ids"], inputs["attention_mask"].bool(), family.image_token_mask(inputs)
     rows = [ids[i][mask[i]] for i in range(len(turns))]
     row_kinds = [kinds[i][mask[i]] for i in range(len(turns))]
     groups = _groups(turns, rows, minimum)
     image_rows = [i for i, t in enumerate(turns) if t.image is not None]
-    patches = [int(g.prod()) for g in inputs["image_grid_thw"]] if image_rows else []
-    starts = [sum(patches[:j]) for j in range(len(patches))]
 
     plans = []  # per group: (prefix length, reused Prefix or None, store key)
     for group in groups:
@@ -134,25 +134,15 @@ def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: s
             batch_kinds[row, width - length:] = row_kinds[first][:length]
             if turns[first].image is not None:
                 vision_rows.append(image_rows.index(first))
-        extra = {}
-        if vision_rows:
-            extra["pixel_values"] = torch.cat([inputs["pixel_values"][starts[j]:starts[j] + patches[j]]
-                                               for j in vision_rows])
-            extra["image_grid_thw"] = inputs["image_grid_thw"][vision_rows]
-        else:  # text only: positions must skip the left padding, as they will when generation continues
-            extra["position_ids"] = (batch_mask.cumsum(-1) - 1).clamp(min=0)
-        vlm.model.rope_deltas = None
+        vision = family.vision_inputs(inputs, vision_rows) if vision_rows else {}
         cache = DynamicCache(config=vlm.config)
         with head_bypassed(model.get_output_embeddings()):  # only the cache is wanted: no logits at all
-            model(input_ids=batch_ids, attention_mask=batch_mask, mm_token_type_ids=batch_kinds,
-                  past_key_values=cache, use_cache=True, **extra)
-        deltas = vlm.model.rope_deltas if vision_rows else None
+            states = family.prefill(model, vlm, batch_ids, batch_mask, batch_kinds, cache, vision)
         for row, g in enumerate(fresh):
             length = plans[g][0]
             layers = [(layer.keys[row:row + 1, :, width - length:].clone(),
                        layer.values[row:row + 1, :, width - length:].clone()) for layer in cache.layers]
-            delta = deltas[row:row + 1] if deltas is not None else torch.zeros(1, 1, dtype=torch.long, device=ids.device)
-            computed[g] = Prefix(rows[groups[g][0]][:plans[g][0]].clone(), layers, delta)
+            computed[g] = Prefix(rows[groups[g][0]][:plans[g][0]].clone(), layers, states[row])
             store.add(plans[g][2], computed[g])
 
     # Lay the groups' prefixes side by side, left-padded, then give every row its group's copy.
@@ -170,7 +160,6 @@ def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: s
         combined.update(torch.cat(keys), torch.cat(values), layer)
     owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=ids.device)
     combined.batch_select_indices(owner)
-    vlm.model.rope_deltas = torch.cat([p.rope_delta for p in prefixes])[owner]
 
     tail = max(len(rows[i]) - lengths[g] for g, group in enumerate(groups) for i in group)
     full = torch.full((len(turns), width + tail), pad_id, dtype=ids.dtype, device=ids.device)
@@ -185,5 +174,6 @@ def share_prefixes(model, vlm, turns, inputs, store: PrefixStore, adapter_key: s
             full_kinds[i, width - length:width] = row_kinds[i][:length]
             full[i, width + tail - len(suffix):] = suffix
             full_mask[i, width + tail - len(suffix):] = 1
-    return {"input_ids": full, "attention_mask": full_mask, "mm_token_type_ids": full_kinds,
-            "past_key_values": combined}
+    row_states = [prefixes[g].position_state for g, group in enumerate(groups) for _ in group]
+    return {"input_ids": full, "attention_mask": full_mask, "past_key_values": combined,
+            **family.continuation(vlm, row_states, full_mask, full_kinds)}

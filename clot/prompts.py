@@ -7,6 +7,9 @@ A user message is composed of parts, each with three wordings per language:
     opener ("think outside the box") + task brief + kind-specific body + lead-in.
 `wording` (0, 1, 2) picks the same variant of every part, so there are three complete
 wordings for every kind × task type × language.
+
+Two template sets: "studio" (the above, what our adapters are trained on) and "official" (the
+wording the authors' CLoT-cn adapter was trained and served with; see OFFICIAL_PERSONA below).
 """
 
 from __future__ import annotations
@@ -151,8 +154,10 @@ def _head(task: Task, lang: Language, question: str, wording: int) -> list[str]:
 
 
 def generation_prompt(task: Task, lang: Language, question: str = "", condition: str = "",
-                      wording: int = 0) -> str:
+                      wording: int = 0, template_set: str = "studio") -> str:
     """Kinds 1 and 2: ask for a funny answer, optionally one that must contain `condition`."""
+    if check_template_set(template_set) == "official":
+        return official_generation_prompt(task, question, condition, wording)
     parts = _head(task, lang, question, wording)
     if condition:
         parts.append(CONDITION[lang].format(word=condition))
@@ -246,12 +251,17 @@ ASSISTANT = {
 
 
 def messages(user_text: str, lang: Language, has_image: bool, answer: str | None = None,
-             persona: bool = True) -> list[dict]:
+             persona: bool = True, template_set: str = "studio") -> list[dict]:
     """A chat conversation: the comedian persona (or a plain assistant, for literal texts), the
-    user's turn (image first), and optionally the answer."""
-    content: list[dict] = [{"type": "image"}] if has_image else []
-    content.append({"type": "text", "text": user_text})
-    system = PERSONA[lang] if persona else ASSISTANT[lang]
+    user's turn (image first), and optionally the answer. The official set keeps chat()'s default
+    system (its persona is in the user text) and puts the image where its text says `Picture 1:`."""
+    official = check_template_set(template_set) == "official"
+    before, marker, after = user_text.partition(OFFICIAL_IMAGE) if official and has_image else ("", "", "")
+    if marker:  # the family's chat template writes the image (and its label) at this place
+        content = [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}]
+    else:
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": user_text}]
+    system = OFFICIAL_SYSTEM if official else PERSONA[lang] if persona else ASSISTANT[lang]
     conversation = [
         {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": content},
@@ -323,3 +333,51 @@ def parse_word_list(text: str, limit: int = 10) -> list[str]:
         if word and len(word.split()) == 1 and word.lower() not in (w.lower() for w in words):
             words.append(word)
     return words[:limit]
+
+
+# ---------------------------------------------------------------- the official set (CLoT-cn)
+# The authors' wording, from their gradio_demo.py and inference.py: a Chinese 搞笑专家 (humor expert)
+# persona and "think outside the box" at the start of the user's message, one of three queries per
+# task, the image inline, the question, and the lead-in "回复: 符合要求的回复是". Their demo sends it
+# through Qwen-VL-Chat's chat(), whose system message stays the default one.
+TEMPLATE_SETS = ("studio", "official")
+OFFICIAL_SYSTEM = "You are a helpful assistant."
+# The demo writes "用户： " but strips the whole string, so the space after the colon is not sent.
+OFFICIAL_PERSONA = ("你是一个搞笑专家，非常了解网络和现实生活当中的各种梗和流行语，热衷于用幽默感给大家带来欢乐。"
+                    "让我们打破常规思维思考问题。\n\n用户：")
+OFFICIAL_QUERY = {
+    Task.I2T: ["请仔细阅读图片，写出一个令人感到意外且搞笑的句子。",
+               "根据图片，想出一个让人感到出乎意料和滑稽句子。",
+               "请对这张图片仔细审视，创造一个出乎意料又滑稽可笑的句子。"],
+    Task.T2T: ["请仔细理解所给的问题，想出一个令人感到意外且搞笑的回答。",
+               "请对所提供的问题进行仔细解读，给出一个出人意料且滑稽的答案。",
+               "请细心品味所给问题，以构思一个意外而滑稽的答复。"],
+    Task.IT2T: ["请仔细阅读图片和图片里的文字，写出一个令人感到意外且搞笑的句子。",
+                "请仔细阅读图片和图片里的文字，为图中指定部分补充令人感到意外且搞笑的句子。",
+                "请细心品味图片的内容，为图中指定部分给出有趣且搞笑的说法。"],
+}
+# Qwen-VL's image as the original tokenizer's from_list_format writes it (the path between the tags
+# becomes the image's tokens); messages() turns it into the conversation's image item.
+OFFICIAL_IMAGE = "Picture 1: <img></img>\n"
+OFFICIAL_QUESTION = "问题: {question}\n"
+OFFICIAL_LEAD_IN = "回复: 符合要求的回复是\n"
+
+
+def check_template_set(name: str) -> str:
+    if name not in TEMPLATE_SETS:
+        raise ClotError(f"Unknown template set {name!r}: use {' or '.join(TEMPLATE_SETS)}.")
+    return name
+
+
+def official_generation_prompt(task: Task, question: str = "", condition: str = "", wording: int = 0) -> str:
+    """The authors' CLoT-cn request, always in Chinese. CLoT-cn was also trained with condition words
+    (and with ranking and selection questions), but the authors never published those templates: a
+    condition uses our Chinese wording, placed before the lead-in as in our own set."""
+    text = OFFICIAL_PERSONA + _pick(OFFICIAL_QUERY[task], wording) + "\n"
+    if task.needs_image:
+        text += OFFICIAL_IMAGE
+    if question:
+        text += OFFICIAL_QUESTION.format(question=question)
+    if condition:
+        text += CONDITION[ZH].format(word=condition) + "\n"
+    return text + OFFICIAL_LEAD_IN

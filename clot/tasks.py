@@ -82,6 +82,22 @@ class Sampling:
         "repetition_penalty": (1.0, 2.0),
     }
 
+    # What transformers 4.x, the stack the authors' checkpoints were served on, used for a setting
+    # that a generation_config leaves unset (transformers 5 leaves it None).
+    UNSET_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+    @classmethod
+    def from_generation_config(cls, config, seed: int | None = None) -> "Sampling":
+        """A checkpoint's own sampling settings (its generation_config), clipped to our limits;
+        max_new_tokens stays ours when the checkpoint does not set it."""
+        sampling = cls(seed=seed)
+        for name, (low, high) in cls.LIMITS.items():
+            value = getattr(config, name, None)
+            if value is None:
+                value = cls.UNSET_GENERATION_DEFAULTS.get(name, getattr(sampling, name))
+            setattr(sampling, name, type(getattr(sampling, name))(min(max(value, low), high)))
+        return sampling
+
     def validate(self) -> "Sampling":
         for name, (low, high) in self.LIMITS.items():
             value = getattr(self, name)

@@ -61,7 +61,6 @@ MAX_UPLOAD_MB = 20  # per file; app.py passes it to launch(max_file_size=...) to
 MAX_FILE_SIZE = f"{MAX_UPLOAD_MB}mb"
 MAX_IMAGE_PIXELS = 50_000_000  # checked from the header, before any pixel is decoded (a 50 MP photo is fine)
 MEME_TTL_S = 3600  # meme files older than this are deleted
-DEFAULTS = Sampling()
 _SPLIT_WORDS = re.compile(r"[,，、;；\n]+")
 
 CARD_HEADERS = ["adapter", "stage", "round", "base model", "created", "evaluation"]
@@ -387,7 +386,16 @@ class Studio:
         if name == registry.BASE:
             return f"**base**: the bare base model `{self.engine.base_model}`, no adapter."
         info = next(i for i in self.engine.list_adapters() if i.name == name)
-        return f"**{name}**: {info.summary()}"
+        text = f"**{name}**: {info.summary()}"
+        languages = info.card.get("languages")
+        if isinstance(languages, list) and languages:
+            text += " · trained on " + ", ".join(html.escape(str(lang)) for lang in languages)
+        if self.engine.template_set == "official":
+            s = self.engine.default_sampling()
+            text += ("\n\nThe authors' official adapter: requests use their Chinese wording. Their sampling, "
+                     f"from the base model's generation_config: temperature {s.temperature:g}, top-p {s.top_p:g}, "
+                     f"top-k {s.top_k or 'off'}, up to {s.max_new_tokens} new tokens.")
+        return text
 
 
 # ------------------------------------------------------------------ examples (written for this project)
@@ -453,7 +461,8 @@ def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: s
         ]
         for label, key, task, handler, api_name, examples in tabs:
             with gr.Tab(label, id=key):
-                _tab(studio, key, task, handler, api_name, examples, adapter, gpu_work=gpu_work)
+                _tab(studio, key, task, handler, api_name, examples, adapter, gpu_work=gpu_work,
+                     defaults=engine.default_sampling())
 
         refresh.click(studio.refresh_adapters, [adapter], [adapter, adapter_table], api_name="refresh_adapters")
         adapter.change(studio.switch_adapter, [adapter], [adapter_card], api_name="switch_adapter", **gpu_work)
@@ -461,8 +470,9 @@ def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: s
 
 
 def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples: list, adapter: gr.Dropdown,
-         *, gpu_work: dict) -> None:
-    """One tab: inputs, the sampling accordion, buttons, outputs, examples, and their events."""
+         *, gpu_work: dict, defaults: Sampling) -> None:
+    """One tab: inputs, the sampling accordion (starting at the adapter's defaults), buttons, outputs,
+    examples, and their events."""
     with gr.Row():
         with gr.Column(scale=1):
             image = text = None
@@ -488,13 +498,13 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
             number = gr.Slider(1, MAX_CANDIDATES, value=DEFAULT_CANDIDATES, step=1, label="Candidates")
             with gr.Accordion("Sampling", open=False):
                 limits = Sampling.LIMITS
-                temperature = gr.Slider(*limits["temperature"], value=DEFAULTS.temperature, step=0.01,
+                temperature = gr.Slider(*limits["temperature"], value=defaults.temperature, step=0.01,
                                         label="Temperature")
-                top_p = gr.Slider(*limits["top_p"], value=DEFAULTS.top_p, step=0.01, label="Top-p")
-                top_k = gr.Slider(*limits["top_k"], value=DEFAULTS.top_k, step=1, label="Top-k (0 = off)")
-                max_new = gr.Slider(*limits["max_new_tokens"], value=DEFAULTS.max_new_tokens, step=1,
+                top_p = gr.Slider(*limits["top_p"], value=defaults.top_p, step=0.01, label="Top-p")
+                top_k = gr.Slider(*limits["top_k"], value=defaults.top_k, step=1, label="Top-k (0 = off)")
+                max_new = gr.Slider(*limits["max_new_tokens"], value=defaults.max_new_tokens, step=1,
                                     label="Max new tokens")
-                repetition = gr.Slider(*limits["repetition_penalty"], value=DEFAULTS.repetition_penalty, step=0.01,
+                repetition = gr.Slider(*limits["repetition_penalty"], value=defaults.repetition_penalty, step=0.01,
                                        label="Repetition penalty")
                 seed = gr.Number(value=None, label="Seed (empty = random)", minimum=0, maximum=2**32 - 1)
             with gr.Row():

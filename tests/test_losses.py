@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from clot import losses
+from clot.families import family_for
 from clot.engine import Choice
 from clot.tasks import Language, Task
 from training import sft
@@ -38,7 +39,8 @@ def lora_model(tiny_dir):
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=sft.LM_ATTENTION))
+    targets = family_for(model.config).lora_targets
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():  # B != 0, so the LoRA weights get gradients of their own
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -91,7 +91,8 @@ class ExploreSettings:
             return self.prompts_per_batch
         text = config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype_bytes  # keys + values
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads  # Qwen-VL: no GQA
+        per_position = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes  # keys + values
         prompt = self.max_image_tokens + PROMPT_TEXT_TOKENS
         positions = self.num_conditions * (prompt + self.max_new_tokens) + prompt
         return max(1, int(self.memory_budget_gb * 2**30 // (per_position * positions)))

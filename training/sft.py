@@ -38,15 +38,13 @@ from training.config import SHARED, load_config, recipe_parser, resolve_base_mod
 from clot import adapters  # noqa: E402
 from clot import data as oogiri  # noqa: E402
 from clot import losses  # noqa: E402
+from clot.families import family_for  # noqa: E402
 from clot.engine import DEFAULT_MAX_IMAGE_TOKENS, Turn, load_processor, prepare_image  # noqa: E402
 from clot.tasks import ClotError, Language  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 IGNORE = losses.IGNORE  # label value the loss skips
-# Plain names, not a path regex, so the adapter loads under both Qwen2.5-VL layouts and in other tools;
-# on Qwen2.5-VL they select exactly the language model's attention (the vision tower has qkv/proj).
-LM_ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 
 
 @dataclass
@@ -63,7 +61,7 @@ class TrainSettings:
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: str = LM_ATTENTION  # a regex over module names, or a comma-separated list
+    target_modules: str = ""  # a regex over module names, or a comma-separated list; "" = the family's (clot/families)
     learning_rate: float = 1e-5
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -306,7 +304,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     """Train (or resume), evaluate before and after on held-out instructions, publish the adapter.
     Returns the card (on every process; only the main process publishes)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, TrainingArguments
+    from transformers import AutoConfig, TrainingArguments
 
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +349,8 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
     eval_set = InstructionDataset(folder / "test.jsonl", settings.eval_samples)
 
     processor = load_processor(base_path, settings.max_image_tokens)
-    model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
+    family = family_for(AutoConfig.from_pretrained(base_path))
+    model = family.model_class().from_pretrained(base_path, dtype=dtype)
     fingerprint = adapters.base_fingerprint(model.config)
     if settings.init_adapter:  # continue training an earlier adapter (stage 2 by default)
         from peft import PeftModel
@@ -360,7 +359,7 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
         model = PeftModel.from_pretrained(model, settings.init_adapter, is_trainable=True)
     else:
         lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                          target_modules=_target_modules(settings.target_modules))
+                          target_modules=_target_modules(settings.target_modules) or family.lora_targets)
         model = get_peft_model(model, lora)
 
     collator = Collator(processor, oogiri.image_store(manifest["data"]), settings.max_length)
