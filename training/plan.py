@@ -18,7 +18,7 @@ Each stage's peak is the sum of its parts, in GiB (2^30 bytes, as `memory_budget
 - logits: the LM head only on labelled positions (`labelled_tokens` per row), in fp32 with their
   gradient; inference keeps the last position's logits only;
 - vision: the frozen vision tower's working set for the batch's images (forward only, no score
-  matrix: sdpa kernels), plus the pixel patches;
+  matrix: sdpa kernels), plus their fp32 pixel patches;
 - KV cache: exploration's rows × (image + prompt text + new tokens), the same arithmetic as
   `memory_budget_gb` in training/explore.py; evaluation scoring and the held-out loss pass build one too;
 - overhead: CUDA context and allocator slack (GPU stages only).
@@ -278,10 +278,15 @@ def _layer_elements(arch: Architecture, weights: dict) -> int:
             + weights["m"] * arch.mlp_size)
 
 
-def vision_bytes(arch: Architecture, images: int, image_tokens: int, act_bytes: int) -> int:
-    patches = images * image_tokens * PATCHES_PER_IMAGE_TOKEN
+def vision_working_bytes(arch: Architecture, images: int, image_tokens: int, act_bytes: int) -> int:
+    """The frozen vision tower's working set over `images` images (forward only)."""
     working = VISION_LAYER["w"] * arch.vision_width + VISION_LAYER["m"] * arch.vision_mlp_size
-    return patches * (working * act_bytes + PATCH_VALUES * 4)
+    return images * image_tokens * PATCHES_PER_IMAGE_TOKEN * working * act_bytes
+
+
+def pixel_bytes(images: int, image_tokens: int) -> int:
+    """The processor's fp32 pixel patches of `images` images, held for the whole step or call."""
+    return images * image_tokens * PATCHES_PER_IMAGE_TOKEN * PATCH_VALUES * 4
 
 
 def weight_bytes(arch: Architecture, weight_dtype_bytes: int, base_4bit: bool) -> int:
@@ -325,17 +330,16 @@ class Stage:
         if self.kind in ("train", "loss"):
             part["lora+adam"] = self.lora * 16  # fp32 parameters, gradients, Adam's two moments
             labelled = min(assume.labelled_tokens or self.positions, self.positions)
-            part["vision"] = vision_bytes(arch, b, self.image_tokens, a)
+            part["vision"] = vision_working_bytes(arch, b, self.image_tokens, a) + self._pixels(b)
+        # logits: the head's output, its fp32 copy (none when already fp32), log-softmax (and its gradient)
+        upcast = 4 if a < 4 else 0
         if self.kind == "train":
-            per_layer = _layer_elements(arch, TRAIN_LAYER) * a
-            if self.checkpointing:  # each layer's input kept, one layer's tensors rebuilt at a time
-                part["activations"] = tokens * ((arch.num_layers + 1) * arch.hidden_size * a + per_layer)
-            else:
-                part["activations"] = tokens * arch.num_layers * per_layer
-            part["logits"] = b * labelled * arch.vocab_size * (a + 4 + 4)  # head output, fp32 copy, its gradient
+            rebuilt = tokens * _layer_elements(arch, TRAIN_LAYER) * a if self.checkpointing else 0
+            part["activations"] = self._resident(arch, b) + rebuilt
+            part["logits"] = b * labelled * arch.vocab_size * (a + upcast + 4 + 4)
         elif self.kind == "loss":
             part["activations"] = tokens * _layer_elements(arch, INFER_LAYER) * a
-            part["logits"] = b * labelled * arch.vocab_size * (a + 4)
+            part["logits"] = b * labelled * arch.vocab_size * (a + upcast + 4)
             part["kv cache"] = tokens * arch.kv_bytes_per_position(a)  # the forward builds a cache in eval mode
         else:  # the engine's generate and scoring: each prompt's shared prefix prefilled once (clot/prefix.py)
             rows = b * self.rows_per_batch
@@ -343,7 +347,7 @@ class Stage:
             part["lora+adam"] = self.lora * 4
             part["activations"] = b * prefix * _layer_elements(arch, INFER_LAYER) * a
             part["logits"] = rows * arch.vocab_size * 4  # the last position's logits, fp32
-            part["vision"] = vision_bytes(arch, b, self.image_tokens, a)
+            part["vision"] = vision_working_bytes(arch, b, self.image_tokens, a) + self._pixels(b)
             part["kv cache"] = self.kv_positions(b) * arch.kv_bytes_per_position(a)
         return part
 
@@ -357,8 +361,34 @@ class Stage:
         prefill = (2 * prompts + rows) * prefix
         return max(decoding, prefill)
 
+    def _resident(self, arch: Architecture, batch: int) -> int:
+        """Training activations kept from the forward to the backward: each layer's input (and the final
+        norm's) with checkpointing, or every layer's saved tensors without it."""
+        tokens = batch * self.positions
+        if self.checkpointing:
+            return tokens * (arch.num_layers + 1) * arch.hidden_size * self.act_bytes
+        return tokens * arch.num_layers * _layer_elements(arch, TRAIN_LAYER) * self.act_bytes
+
     def total(self, arch: Architecture, assume: Assumptions, batch: int | None = None) -> int:
-        return sum(self.memory(arch, assume, batch).values())
+        """The peak: the parts are not all resident at once. Training peaks while the frozen vision tower
+        runs, while one layer is recomputed in the backward, or at the loss (kept activations + logits).
+        Generation peaks while the vision tower runs, during the prefill (its cache so far + one layer),
+        or with the whole cache (+ the logits). The pixel patches are held throughout."""
+        b = self.batch if batch is None else batch
+        part = self.memory(arch, assume, b)
+        pixels = self._pixels(b)
+        held = part["weights"] + part["lora+adam"] + part["overhead"] + pixels
+        vision = part["vision"] - pixels
+        if self.kind == "train":
+            return held + max(vision, part["activations"], self._resident(arch, b) + part["logits"])
+        if self.kind == "loss":
+            return held + max(vision, part["kv cache"] + max(part["activations"], part["logits"]))
+        prefill_cache = b * (self.positions - self.new_tokens) * arch.kv_bytes_per_position(self.act_bytes)
+        return held + max(vision, prefill_cache + part["activations"], part["kv cache"] + part["logits"])
+
+    def _pixels(self, batch: int) -> int:
+        """The batch's pixel patches, one image per row or per prompt (its rows share the image)."""
+        return pixel_bytes(batch, self.image_tokens)
 
     def largest_batch(self, arch: Architecture, assume: Assumptions, limit_bytes: int, cap: int = 4096) -> int:
         """The largest batch whose total fits `limit_bytes` (0 when not even one row fits)."""
@@ -443,14 +473,14 @@ def render(base_model: str, arch: Architecture, stages: list[Stage], assume: Ass
         lines.append(f"| {s.name} | {s.image_tokens} | {s.positions} | {s.batch} | {s.batch * s.rows_per_batch} "
                      f"| {s.accumulation} | {s.precision} |")
     verdict = gpu_gb is not None
-    lines += ["", "| stage | " + " | ".join(PARTS) + " | total |" + (f" {gpu_gb:g} GiB GPU | largest batch |" if verdict else ""),
+    lines += ["", "| stage | " + " | ".join(PARTS) + " | peak |" + (f" {gpu_gb:g} GiB GPU | largest batch |" if verdict else ""),
               "|---|" + "---:|" * (len(PARTS) + 1) + ("---|---:|" if verdict else "")]
     for s in stages:
-        parts = s.memory(arch, assume)
-        row = f"| {s.name} | " + " | ".join(f"{parts[p] / scale:.2f}" for p in PARTS) + f" | {sum(parts.values()) / scale:.2f} |"
+        parts, peak = s.memory(arch, assume), s.total(arch, assume)
+        row = f"| {s.name} | " + " | ".join(f"{parts[p] / scale:.2f}" for p in PARTS) + f" | {peak / scale:.2f} |"
         if verdict:
             limit = int(gpu_gb * GiB)
-            fits = "fits" if sum(parts.values()) <= limit else "does not fit"
+            fits = "fits" if peak <= limit else "does not fit"
             row += f" {fits} | {s.largest_batch(arch, assume, limit)} |"
         lines.append(row)
     return "\n".join(lines)
