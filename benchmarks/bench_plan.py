@@ -2,13 +2,13 @@
 
 Every measurement runs in a fresh Python process and reports what it adds to that process's memory:
 - weights: the resident memory (RSS) a random-weight small model adds (fp32);
-- SFT step: the peak RSS of one forward + backward with LoRA (r 64 on the LM attention, as the
-  presets) and gradient checkpointing, over the weights and LoRA already resident; the peak is
-  reset through /proc/self/clear_refs just before the step;
+- SFT step: the peak of the tensors one forward + backward creates, with LoRA (r 64 on the LM
+  attention, as the presets) and gradient checkpointing, over the resident weights, LoRA and batch;
 - KV cache: the bytes of the cache a plain generate call returns (exact, counted from its tensors);
-- exploration: the peak RSS of one engine generate call as exploration makes it (5 rows per prompt,
-  shared prefixes), over the resident model.
-Each is printed next to the plan's estimate of the same parts. Linux only (/proc).
+- exploration: the peak of the tensors one engine generate call creates as exploration makes it
+  (5 rows per prompt, shared prefixes), over the resident model.
+Tensor peaks are torch's own accounting (what max_memory_allocated reports on a GPU); the growth of
+the peak RSS, which adds the CPU allocator's slack, is shown next to them. Linux only (/proc).
 
     python benchmarks/bench_plan.py                         # batch 2 × 1024 positions, 2 prompts × 5 rows
     python benchmarks/bench_plan.py --labelled-tokens 128   # once the loss runs the LM head on labels only
@@ -225,10 +225,12 @@ def main() -> None:
     weights = plan.weight_bytes(arch, 4, base_4bit=False)
     kv_positions = measured["kv"]["prompt_positions"] + NEW_TOKENS
     # what each measurement adds: a step adds its activations, logits, vision and the LoRA gradients
-    # (not Adam's moments, made by the optimiser step); a generate call adds all but the weights
+    # (not Adam's moments, made by the optimiser step; its batch is made before); a generate call
+    # adds all but the weights
     rows = [
         ("weights (fp32), RSS", weights, measured["weights"]["weights"], None),
-        ("SFT step peak over weights + LoRA", sft.total(arch, assume) - weights - lora * 12,
+        ("SFT step peak over weights + LoRA + the batch", sft.total(arch, assume) - weights - lora * 12
+         - plan.pixel_bytes(args.batch, image),
          measured["sft"]["tensors"], measured["sft"]["rss"]),
         ("exploration KV cache, plain generate", args.prompts * ROWS_PER_PROMPT * kv_positions
          * arch.kv_bytes_per_position(4), measured["kv"]["kv"], None),

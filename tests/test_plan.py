@@ -135,12 +135,17 @@ def test_logits_follow_the_labelled_positions_assumption():
 
 def test_a_qwen_vl_preset_and_a_local_config_folder(tmp_path):
     preset = tmp_path / "qwen-vl-chat.yaml"
-    preset.write_text("base_model: Qwen/Qwen-VL-Chat\ntraining: {lora_r: 64, target_modules: 'c_attn,attn.c_proj', "
-                      "precision: bf16, gradient_checkpointing: true}\nexplore: {memory_budget_gb: 8}\n")
-    text = plan.plan(str(preset), gpu_gb=24)
-    settings, memory = _rows(text, "stage-1 SFT")
-    assert settings[1] == "256"
-    assert float(memory[plan.PARTS.index("lora+adam") + 1]) == pytest.approx(32 * 64 * 24576 * 16 / plan.GiB, abs=0.01)
+    for targets in ("[c_attn, attn.c_proj]", r"'.*\.h\.\d+\.attn\.(c_attn|c_proj)'"):
+        preset.write_text(f"base_model: Qwen/Qwen-VL-Chat\ntraining: {{lora_r: 64, target_modules: {targets}, "
+                          "precision: bf16, gradient_checkpointing: true}\nexplore: {memory_budget_gb: 8}\n")
+        text = plan.plan(str(preset), gpu_gb=24)
+        settings, memory = _rows(text, "stage-1 SFT")
+        assert settings[1] == "256"
+        lora_gib = float(memory[plan.PARTS.index("lora+adam") + 1])
+        assert lora_gib == pytest.approx(32 * 64 * 24576 * 16 / plan.GiB, abs=0.01)
+    preset.write_text("base_model: Qwen/Qwen-VL-Chat\ntraining: {target_modules: q_proj}\n")
+    with pytest.raises(ClotError, match="matches no linear layer"):
+        plan.plan(str(preset))
 
     folder = tmp_path / "model"
     folder.mkdir()

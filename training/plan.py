@@ -422,7 +422,11 @@ def stages_of(pipeline, arch: Architecture) -> list[Stage]:
         s = pipeline.train_settings(step)
         image = arch.image_tokens(s.max_image_tokens)
         precision = _precision(s.precision, s.device)
-        lora = lora_parameters(arch, _target_modules(s.target_modules), s.lora_r)
+        targets = s.target_modules if isinstance(s.target_modules, list) else _target_modules(s.target_modules)
+        lora = lora_parameters(arch, targets, s.lora_r)
+        if not lora:
+            raise ClotError(f"target_modules {s.target_modules!r} matches no linear layer of {pipeline.run.base_model}, "
+                            "so LoRA would train nothing.")
         common = dict(image_tokens=image, positions=s.max_length, precision=precision, on_gpu=s.device != "cpu",
                       lora=lora, checkpointing=s.gradient_checkpointing)
         stages.append(Stage(f"{label} SFT", "train", batch=s.per_device_train_batch_size,
