@@ -256,7 +256,6 @@ def lora_parameters(arch: Architecture, target_modules: str | list[str], rank: i
 @dataclass(frozen=True)
 class Assumptions:
     labelled_tokens: int = 256  # positions per training row where the LM head runs (0: every position)
-    eval_text_tokens: int = EVAL_TEXT_TOKENS
     overhead_gb: float = 1.0  # CUDA context and allocator slack on a GPU
     base_4bit: bool = False
 
@@ -264,9 +263,10 @@ class Assumptions:
 PARTS = ("weights", "lora+adam", "activations", "logits", "vision", "kv cache", "overhead")
 
 # Elements per token held by one decoder layer, in units of hidden size (h), KV width (kv) and MLP width (m).
-# Training, one layer recomputed in backward: its saved inputs of the norms (fp32 copies), q, k, v,
-# attention output, the LoRA dropout outputs, the MLP's gate, up, activation and product, and the
-# gradients flowing through them.
+# Training, one layer recomputed in backward: the norms' outputs, q, k, v, the attention output, the
+# LoRA dropout outputs, the MLP's gate, up, activation and product, and the gradients flowing through
+# them. Measured at the small size in fp32 (benchmarks/bench_plan.py): about 10 h + 6 m; h = 16 leaves
+# room for the fp32 copies the norms make under bf16.
 TRAIN_LAYER = dict(h=16, kv=4, m=6)
 # Inference, one layer's working set: residual, norm output, q, attention output, k and v, MLP gate, up, product.
 INFER_LAYER = dict(h=4, kv=2, m=3)
@@ -298,7 +298,7 @@ def weight_bytes(arch: Architecture, weight_dtype_bytes: int, base_4bit: bool) -
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage's settings; `memory(batch)` gives its parts in bytes at any batch size."""
+    """One stage's settings; `memory` gives its parts and `total` its peak, in bytes, at any batch size."""
 
     name: str
     kind: str  # "train", "loss" (held-out loss, no gradients), "explore" or "score"
