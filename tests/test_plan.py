@@ -1,8 +1,6 @@
 """The memory plan (training/plan.py, run_clot --plan): tables for every preset, known arithmetic, verdicts."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -160,14 +158,16 @@ def test_unknown_base_model_is_one_clear_error():
         plan.base_architecture("someone/unknown-model")
 
 
-def test_run_clot_plan_runs_nothing(tmp_path):
+def test_run_clot_plan_runs_nothing(tmp_path, capsys):
+    from training import run_clot
+
     run_dir = tmp_path / "run"
-    command = [sys.executable, "training/run_clot.py", "--config", "training/configs/tiny.yaml",
-               "--set", f"run_dir={run_dir}", "--set", f"clot.adapters_dir={tmp_path / 'adapters'}", "--plan",
-               "--gpu-gb", "24"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "| stage-2 exploration |" in done.stdout and "fits" in done.stdout
+    argv = ["--config", str(ROOT / "training/configs/tiny.yaml"), "--set", f"run_dir={run_dir}",
+            "--set", f"clot.adapters_dir={tmp_path / 'adapters'}"]
+    assert run_clot.main(argv + ["--plan", "--gpu-gb", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "| stage-2 exploration |" in out and "| fits |" in out
     assert not run_dir.exists() and not (tmp_path / "adapters").exists()
-    alone = subprocess.run(command[:-3] + ["--gpu-gb", "24"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 2 and "--gpu-gb goes with --plan" in alone.stderr
+    with pytest.raises(SystemExit) as exit_:
+        run_clot.main(argv + ["--gpu-gb", "24"])
+    assert exit_.value.code == 2 and "--gpu-gb goes with --plan" in capsys.readouterr().err
