@@ -7,7 +7,8 @@ The recipe is read exactly as run_clot reads it (its Pipeline), and the base mod
 config.json (a local folder), from a built-in table of known hub checkpoints (the hub is not asked),
 or from clot/tiny.py for `tiny`. Nothing is loaded, trained or generated.
 
-Each stage's peak is the sum of its parts, in GiB (2^30 bytes, as `memory_budget_gb`):
+Each stage's parts, in GiB (2^30 bytes, as `memory_budget_gb`), and its peak: the parts are not all
+resident at once, so the peak is the largest sum of those that are at one moment (Stage.total).
 - weights: the base model in its precision (bf16; fp16 training keeps fp32 weights under autocast),
   or its language model's linear layers in 4-bit NF4 (one fp32 scale per 64 weights) with --base-4bit;
 - LoRA + AdamW: the adapter's parameters, gradients and both Adam moments, all fp32 (peft keeps
@@ -460,8 +461,6 @@ def stages_of(pipeline, arch: Architecture) -> list[Stage]:
 
 
 # ---------------------------------------------------------------- the printed plan
-
-
 def render(base_model: str, arch: Architecture, stages: list[Stage], assume: Assumptions,
            gpu_gb: float | None = None) -> str:
     """The plan as two Markdown tables: the settings of each stage, then its memory and verdict."""
