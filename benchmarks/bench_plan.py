@@ -243,7 +243,8 @@ def main() -> None:
                for part, estimate, actual, rss in rows]
     print(f"small: {arch.parameters():,} parameters (model: {measured['weights']['parameters']:,}), LoRA r 64 "
           f"{lora:,} (peft: {measured['sft']['lora']:,}); SFT {args.batch} rows × {args.length} positions, "
-          f"LM head on {f'{args.labelled_tokens} positions' if args.labelled_tokens else 'every position'} of a row; exploration {args.prompts} prompts × "
+          f"LM head on {f'{args.labelled_tokens} positions' if args.labelled_tokens else 'every position'} of a row; "
+          f"exploration {args.prompts} prompts × "
           f"{ROWS_PER_PROMPT} rows × {explore_positions} positions. Measured: torch's tensor accounting "
           "(RSS for the weights; the RSS growth, allocator slack included, for reference)")
     print(table(["part", "estimate MiB", "measured MiB", "estimate / measured", "RSS growth MiB"],

@@ -108,7 +108,8 @@ class Architecture:
         return self._qwen_linears() if self.family == "qwen" else self._qwen2_5_vl_linears()
 
     def _qwen2_5_vl_linears(self) -> list[Linear]:
-        h, q, kv, w = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.vision_width
+        h, w = self.hidden_size, self.vision_width
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         layers = []
         for i in range(self.num_layers):
             at = f"model.language_model.layers.{i}"
@@ -426,8 +427,8 @@ def stages_of(pipeline, arch: Architecture) -> list[Stage]:
         targets = s.target_modules if isinstance(s.target_modules, list) else _target_modules(s.target_modules)
         lora = lora_parameters(arch, targets, s.lora_r)
         if not lora:
-            raise ClotError(f"target_modules {s.target_modules!r} matches no linear layer of {pipeline.run.base_model}, "
-                            "so LoRA would train nothing.")
+            raise ClotError(f"target_modules {s.target_modules!r} matches no linear layer of "
+                            f"{pipeline.run.base_model}, so LoRA would train nothing.")
         common = dict(image_tokens=image, positions=s.max_length, precision=precision, on_gpu=s.device != "cpu",
                       lora=lora, checkpointing=s.gradient_checkpointing)
         stages.append(Stage(f"{label} SFT", "train", batch=s.per_device_train_batch_size,
@@ -476,7 +477,8 @@ def render(base_model: str, arch: Architecture, stages: list[Stage], assume: Ass
         lines.append(f"| {s.name} | {s.image_tokens} | {s.positions} | {s.batch} | {s.batch * s.rows_per_batch} "
                      f"| {s.accumulation} | {s.precision} |")
     verdict = gpu_gb is not None
-    lines += ["", "| stage | " + " | ".join(PARTS) + " | peak |" + (f" {gpu_gb:g} GiB GPU | largest batch |" if verdict else ""),
+    header = "| stage | " + " | ".join(PARTS) + " | peak |"
+    lines += ["", header + (f" {gpu_gb:g} GiB GPU | largest batch |" if verdict else ""),
               "|---|" + "---:|" * (len(PARTS) + 1) + ("---|---:|" if verdict else "")]
     for s in stages:
         parts, peak = s.memory(arch, assume), s.total(arch, assume)

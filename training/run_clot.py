@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-stage", help="force this stage and every later one to run again")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the last adapter to this hub repository")
     parser.add_argument("--plan", action="store_true",
-                        help="print each stage's settings and estimated peak GPU memory (training/plan.py), run nothing")
-    parser.add_argument("--gpu-gb", type=float, metavar="GIB", help="with --plan: say per stage whether it fits this GPU")
+                        help="print each stage's settings and estimated peak GPU memory (training/plan.py); run nothing")
+    parser.add_argument("--gpu-gb", type=float, metavar="GIB", help="with --plan: whether each stage fits this GPU")
     args = parser.parse_args(argv)
     if args.gpu_gb is not None and not args.plan:
         parser.error("--gpu-gb goes with --plan")
