@@ -4,6 +4,7 @@
     python training/run_clot.py --config training/configs/qwen2.5-vl-3b.yaml --set clot.rounds=2
     python training/run_clot.py --config ... --from-stage stage2      # redo stage 2 (and what follows)
     python training/run_clot.py --config ... --push-to-hub you/clot-adapter
+    python training/run_clot.py --config ... --plan --gpu-gb 24       # memory per stage; runs nothing
     accelerate launch --num_processes 2 training/run_clot.py --config ...
 
 Every stage writes a stamp (<run_dir>/stages/<stage>.json) with a hash of its inputs: its settings and
@@ -341,8 +342,22 @@ def main(argv: list[str] | None = None) -> int:
                              "(sections: clot, instructions, training, stage2, explore, evaluation)")
     parser.add_argument("--from-stage", help="force this stage and every later one to run again")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the last adapter to this hub repository")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each stage's settings and estimated peak GPU memory (training/plan.py); run nothing")
+    parser.add_argument("--gpu-gb", type=float, metavar="GIB", help="with --plan: whether each stage fits this GPU")
     args = parser.parse_args(argv)
+    if args.gpu_gb is not None and not args.plan:
+        parser.error("--gpu-gb goes with --plan")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.plan:
+        from training import plan
+
+        try:
+            print(plan.plan(args.config, args.set, args.gpu_gb))
+        except ClotError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         pipeline = Pipeline(args.config, args.set, args.from_stage)
         summary = pipeline.execute()

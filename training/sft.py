@@ -270,8 +270,9 @@ def read_csv(path: str | Path) -> list[dict]:
 
 # ---------------------------------------------------------------- training
 def _target_modules(spec: str):
-    """A regex string as is (peft matches it against full names), or a list from "q_proj,v_proj"."""
-    if any(ch in spec for ch in "*.()|[]\\^$"):
+    """A regex string as is (peft matches it against full names), or a list of name suffixes from
+    "q_proj,v_proj" or "c_attn,attn.c_proj" (a dot alone does not make a regex)."""
+    if any(ch in spec for ch in "*()|[]\\^$+?"):
         return spec
     return [name.strip() for name in spec.split(",") if name.strip()]
 
