@@ -118,8 +118,9 @@ class Arena:
 
         def show(result_value):
             count = len(result_value["candidates"]) if result_value and result_value.get("ticket") else 0
+            has_image = count > 0 and result_value["task"] != Task.T2T.value
             return ([gr.Button(visible=k < count, interactive=True) for k in range(MAX_CANDIDATES)]
-                    + [gr.Button(visible=count > 0, interactive=True), gr.Checkbox(visible=count > 0), ""])
+                    + [gr.Button(visible=count > 0, interactive=True), gr.Checkbox(visible=has_image), ""])
 
         def caster(choice: str):
             def cast(result_value, consent_value, request: gr.Request):

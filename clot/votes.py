@@ -227,7 +227,18 @@ class VoteStore:
         """Cast the one vote of a ticket; returns the vote as exported. Every refusal is a ClotError.
 
         Battle choices: "A", "B", "tie", "bad" (both unfunny). Pick choices: the 0-based index of the
-        candidate as shown, or "none". With `consent`, the request's image is stored too."""
+        candidate as shown, or "none". With `consent`, the request's image is stored too. A database
+        found damaged is set aside and rebuilt from the journal at once (every earlier vote is in it)."""
+        try:
+            return self._vote(ticket, choice, session=session, consent=consent)
+        except sqlite3.DatabaseError as err:  # busy and locked were already turned into a ClotError
+            log.error("Vote failed on the database (%s); checking it.", err)
+            self._open_schema()
+            self.import_folder(self.journal_dir)
+            raise ClotError("The vote store was damaged and has been rebuilt with every earlier vote, but the "
+                            "answers you voted on were lost: please generate new ones and vote again.") from None
+
+    def _vote(self, ticket: str, choice: Any, *, session: str, consent: bool) -> dict:
         if not isinstance(ticket, str) or not ticket.strip():
             raise ClotError("No ticket: generate answers first, then vote on them.")
         ticket = ticket.strip()
@@ -346,6 +357,12 @@ class VoteStore:
         """Append votes to this store's journal file (and their images, written once)."""
         if not records:
             return
+        try:
+            self._append(records)
+        except OSError as err:  # the database has the votes; only the backup copy is behind
+            log.error("Could not append %d votes to the journal %s: %s", len(records), self.journal, err)
+
+    def _append(self, records: list[dict]) -> None:
         with self._journal_lock:
             for record in records:
                 sha = record["prompt"]["image"]

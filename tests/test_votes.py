@@ -177,6 +177,20 @@ def test_a_corrupted_database_is_rebuilt_from_the_journal(tmp_path):
     assert rebuilt.battles() == [("base", "punchline", "A"), ("base", "punchline", "tie")]
 
 
+def test_damage_found_while_running_is_repaired_at_once(tmp_path):
+    store = votes.VoteStore(tmp_path / "votes.sqlite", clock=Clock())
+    cast = store.vote(battle(store), "A", session="alice")
+    ticket = battle(store)
+    store.path.write_bytes(b"garbage" * 1000)
+    for extra in ("-wal", "-shm"):
+        (tmp_path / f"votes.sqlite{extra}").unlink(missing_ok=True)
+    with pytest.raises(ClotError, match="rebuilt with every earlier vote"):
+        store.vote(ticket, "B", session="alice")
+    assert store.records() == [cast]
+    store.vote(battle(store), "tie", session="alice")  # and it keeps serving
+    assert [b[2] for b in store.battles()] == ["A", "tie"]
+
+
 def store_records_as_exported(records: list[dict], excluded: set[str]) -> list[dict]:
     return [dict(r, excluded=r["vote_id"] in excluded) for r in records]
 
