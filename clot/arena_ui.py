@@ -34,7 +34,8 @@ BOARD_LANGUAGES = ["all", "en", "zh", "ja"]
 BOARD_TASKS = ["all"] + [t.value for t in Task]
 TABLE_HEADERS = ["rank", "adapter", "rating", "95% interval", "battles", "win rate"]
 CONSENT_LABEL = "Store my image with my vote, for research (off: only the text and answers are kept)"
-BATTLE_BUTTONS = [("A", "👈 A is funnier"), ("tie", "🤝 Tie"), ("bad", "😐 Both unfunny"), ("B", "👉 B is funnier")]
+BATTLE_BUTTONS = [("A", "👈 A is funnier"), ("tie", "🤝 Tie"), ("bad", "😐 Both unfunny"),
+                  ("B", "👉 B is funnier")]
 
 
 def session_of(request: gr.Request | None) -> str:
@@ -55,12 +56,14 @@ def user_errors(action: str):
         raise
     except Exception as err:
         log.exception("%s failed", action)
-        raise gr.Error(f"{action} did not work ({type(err).__name__}); please try again.", print_exception=False) from None
+        raise gr.Error(f"{action} did not work ({type(err).__name__}); please try again.",
+                       print_exception=False) from None
 
 
-def generation_record(candidate: Candidate, adapter: str, created: str | None, mode: str, sampling: Sampling) -> dict:
-    return dict(adapter=adapter, adapter_created=created, mode=mode, condition=candidate.condition,
-                text=candidate.text, scores={"rank_score": candidate.rank_score, "select_score": candidate.select_score},
+def generation_record(card: dict, adapter: str, created: str | None, mode: str, sampling: Sampling) -> dict:
+    """A shown answer (a Candidate.to_dict()) as the vote store keeps it."""
+    return dict(adapter=adapter, adapter_created=created, mode=mode, condition=card["condition"], text=card["text"],
+                scores={"rank_score": card["rank_score"], "select_score": card["select_score"]},
                 seed=sampling.seed, sampling=dataclasses.asdict(sampling))
 
 
@@ -83,15 +86,12 @@ class Arena:
 
         A failing store never costs the user the answers: the cards then just take no vote."""
         try:
-            sampling = request.sampling
             created = self.adapter_created(result["adapter"])
-            shown = [Candidate(row["text"], row["condition"], row["rank_score"], row["select_score"])
-                     for row in result["candidates"]]
             result["ticket"] = self.store.open_ticket(
                 blind=False, base_model=self.engine.base_model, task=result["task"], language=result["language"],
                 text=result["question"], image=request.image, session="",
-                generations=[generation_record(c, result["adapter"], created, result["mode"], sampling)
-                             for c in shown])
+                generations=[generation_record(row, result["adapter"], created, result["mode"], request.sampling)
+                             for row in result["candidates"]])
         except Exception:
             log.exception("The cards could not be recorded for voting")
 
@@ -110,7 +110,8 @@ class Arena:
     def vote_row(self, result: gr.JSON) -> None:
         """The 😂 buttons under a tab's cards (one per candidate) and "none is funny"; they lock after a vote."""
         with gr.Row():
-            picks = [gr.Button(f"😂 #{k}", visible=False, size="sm", min_width=60) for k in range(1, MAX_CANDIDATES + 1)]
+            picks = [gr.Button(f"😂 #{k}", visible=False, size="sm", min_width=60)
+                     for k in range(1, MAX_CANDIDATES + 1)]
             none = gr.Button("😐 None is funny", visible=False, size="sm")
         consent = gr.Checkbox(False, label=CONSENT_LABEL, visible=False)
         status = gr.Markdown()
@@ -191,7 +192,8 @@ class Arena:
             ticket = self.store.open_ticket(
                 blind=True, base_model=self.engine.base_model, task=task.value, language=lang.value,
                 text=requests[0].text, image=picture, session=session_of(request),
-                generations=[generation_record(answer, name, self.adapter_created(name), "CLoT", requests[0].sampling)
+                generations=[generation_record(answer.to_dict(), name, self.adapter_created(name), "CLoT",
+                                               requests[0].sampling)
                              for answer, name in zip(answers, shown)])
             return ticket, answers[0].text, answers[1].text
 

@@ -445,7 +445,8 @@ class VoteStore:
 def _check_choice(choice: Any, blind: bool, shown: int) -> Any:
     if blind:
         if choice not in BATTLE_CHOICES:
-            raise ClotError(f"A battle vote is one of {', '.join(BATTLE_CHOICES)} (bad = both unfunny); got {choice!r}.")
+            raise ClotError(f"A battle vote is one of {', '.join(BATTLE_CHOICES)} (bad = both unfunny); "
+                            f"got {choice!r}.")
         return choice
     if choice == "none":
         return choice

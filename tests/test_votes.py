@@ -226,7 +226,8 @@ def test_export_is_a_dataset_and_reimport_adds_no_duplicates(store, tmp_path):
     assert other.import_jsonl([out / "votes.jsonl"], images_dir=out / "images") == 2
     assert other.import_jsonl([out / "votes.jsonl"], images_dir=out / "images") == 0
     assert other.records() == lines
-    assert other.image_png(lines[1]["prompt"]["image"]) == (out / "images" / f"{lines[1]['prompt']['image']}.png").read_bytes()
+    sha = lines[1]["prompt"]["image"]
+    assert other.image_png(sha) == (out / "images" / f"{sha}.png").read_bytes()
 
 
 def test_battles_filter_by_language_and_task_and_skip_excluded(store):
