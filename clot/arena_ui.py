@@ -11,6 +11,7 @@ the cards): they are kept for training and never reach the leaderboard, which co
 """
 
 import dataclasses
+import hashlib
 import contextlib
 import logging
 import math
@@ -82,16 +83,20 @@ class Arena:
 
     # ---------------------------------------------------------------- picks on the studio's cards
     def record_result(self, request: Request, result: dict) -> None:
-        """Called by Studio.play: store the shown cards and put their ticket into the result.
+        """Called by Studio.play: store the shown cards and put their ticket into the result. The
+        ticket follows from the cards, so a result reproduced with the same seed is identical.
 
         A failing store never costs the user the answers: the cards then just take no vote."""
         try:
             created = self.adapter_created(result["adapter"])
+            generations = [generation_record(row, result["adapter"], created, result["mode"], request.sampling)
+                           for row in result["candidates"]]
+            image = request.image
+            image_digest = hashlib.sha256(image.tobytes()).hexdigest() + str(image.size) if image else None
+            ticket = self.store.content_ticket(self.engine.base_model, result, generations, image_digest)
             result["ticket"] = self.store.open_ticket(
                 blind=False, base_model=self.engine.base_model, task=result["task"], language=result["language"],
-                text=result["question"], image=request.image, session="",
-                generations=[generation_record(row, result["adapter"], created, result["mode"], request.sampling)
-                             for row in result["candidates"]])
+                text=result["question"], image=image, session="", generations=generations, ticket=ticket)
         except Exception:
             log.exception("The cards could not be recorded for voting")
 

@@ -188,32 +188,43 @@ class VoteStore:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
             return db.execute("SELECT value FROM meta WHERE key = 'salt'").fetchone()[0]
 
+    def content_ticket(self, *shown: Any) -> str:
+        """A ticket that follows from what was shown: the same cards shown again take the same, single
+        vote (and a reproduced result stays identical). Salted, so it cannot be computed from outside."""
+        digest = hashlib.sha256(f"{self.salt}:{json.dumps(shown, sort_keys=True, default=str)}".encode())
+        return digest.hexdigest()[:32]
+
     def session_hash(self, session: str) -> str:
         """What is stored of a session (or address): a salted hash that cannot be turned back."""
         return hashlib.sha256(f"{self.salt}:{session}".encode()).hexdigest()[:32]
 
     # ---------------------------------------------------------------- tickets and votes
     def open_ticket(self, *, blind: bool, base_model: str, task: str, language: str, text: str,
-                    image: Image.Image | None, generations: list[dict], session: str) -> str:
+                    image: Image.Image | None, generations: list[dict], session: str, ticket: str | None = None) -> str:
         """Record what was shown (generations in shown order) and return the ticket to vote on it.
 
-        Each generation: adapter, adapter_created, mode, condition, text, scores, seed, sampling."""
+        Each generation: adapter, adapter_created, mode, condition, text, scores, seed, sampling. A
+        given `ticket` (see content_ticket) that exists already was shown before: it gets a fresh day
+        to be voted on, and still only one vote."""
         if blind and len(generations) != 2:
             raise ValueError("A blind battle shows exactly two answers.")
-        ticket = secrets.token_urlsafe(18)
+        ticket = ticket or secrets.token_urlsafe(18)
         now = self.clock()
         created = _utc(now).isoformat(timespec="seconds")
         prompt_id = uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in generations]
         with self._connect(write=True) as db:
-            db.execute("INSERT INTO prompts VALUES (?, ?, ?, ?, NULL, ?)", (prompt_id, task, language, text, created))
-            for gen_id, gen in zip(ids, generations):
-                db.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
-                    gen_id, prompt_id, base_model, gen["adapter"], gen.get("adapter_created"), gen["mode"],
-                    gen.get("condition") or "", gen["text"], _json_or_none(gen.get("scores")), gen.get("seed"),
-                    _json_or_none(gen.get("sampling")), created))
-            db.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?)",
-                       (ticket, int(blind), prompt_id, json.dumps(ids), self.session_hash(session), now))
+            shown_before = db.execute("UPDATE tickets SET created = ? WHERE ticket = ?", (now, ticket)).rowcount
+            if not shown_before:
+                db.execute("INSERT INTO prompts VALUES (?, ?, ?, ?, NULL, ?)",
+                           (prompt_id, task, language, text, created))
+                for gen_id, gen in zip(ids, generations):
+                    db.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                        gen_id, prompt_id, base_model, gen["adapter"], gen.get("adapter_created"), gen["mode"],
+                        gen.get("condition") or "", gen["text"], _json_or_none(gen.get("scores")), gen.get("seed"),
+                        _json_or_none(gen.get("sampling")), created))
+                db.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?)",
+                           (ticket, int(blind), prompt_id, json.dumps(ids), self.session_hash(session), now))
         if image is not None:
             kept = image.convert("RGB")
             kept.thumbnail((STORED_IMAGE_SIDE, STORED_IMAGE_SIDE))

@@ -105,9 +105,7 @@ def test_text_to_text_is_reproducible_with_a_seed(client):
     check_result(first, 4, "CLoT")
     assert first["language"] == "ja" and first["task"] == "T2T"
     # CLoT mode with no words draws weak conditions itself (about half of them empty, seeded)
-    again = client.predict(*args, api_name="/text_to_text")
-    assert first.pop("ticket") != again.pop("ticket")  # each showing of the cards takes its own vote
-    assert first == again
+    assert first == client.predict(*args, api_name="/text_to_text")
     single = client.predict(*call("Why is the sky blue?", n=1, mode="sample", seed=None), api_name="/text_to_text")
     check_result(single, 1, "sample")
     assert isinstance(single["seed"], int)  # a random seed is still reported, so it can be replayed

@@ -111,6 +111,11 @@ def test_cards_take_one_pick(arena):
     assert record["candidates"][1]["scores"]["rank_score"] == result["candidates"][1]["rank_score"]
     with pytest.raises(AppError, match="already has its vote"):
         client.predict(result["ticket"], "none", api_name="/vote_pick")
+    again = client.predict("Invent an Olympic sport nobody would watch.", "en", "", 3, "sample", "base",
+                           0.9, 0.9, 50, 12, 1.05, 5, api_name="/text_to_text")
+    assert again == result  # the same cards shown again: the same ticket, still one vote
+    with pytest.raises(AppError, match="already has its vote"):
+        client.predict(again["ticket"], "1", api_name="/vote_pick")
     result = client.predict("Another one?", "en", "", 2, "sample", "base", 0.9, 0.9, 50, 12, 1.05, 6,
                             api_name="/text_to_text")
     with pytest.raises(AppError, match="one of the 2 answers"):

@@ -65,6 +65,21 @@ def test_a_battle_takes_exactly_one_vote(store):
     assert store.battles() == [("base", "punchline", "B")]
 
 
+def test_cards_shown_again_keep_their_ticket_and_get_a_fresh_day(tmp_path):
+    clock = Clock()
+    store = votes.VoteStore(tmp_path / "votes.sqlite", clock=clock)
+    ticket = store.content_ticket("same cards")
+    assert store.content_ticket("same cards") == ticket != store.content_ticket("other cards")
+    assert store.open_ticket(blind=False, base_model="tiny", task="T2T", language="en", text="?", image=None,
+                             generations=[generation("base", "x")], session="", ticket=ticket) == ticket
+    clock.now += votes.TICKET_TTL_S + 1
+    store.open_ticket(blind=False, base_model="tiny", task="T2T", language="en", text="?", image=None,
+                      generations=[generation("base", "x")], session="", ticket=ticket)
+    assert store.vote(ticket, 0, session="alice")["candidates"][0]["text"] == "x"
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 1
+
+
 def test_a_ticket_expires_after_a_day(tmp_path):
     clock = Clock()
     store = votes.VoteStore(tmp_path / "votes.sqlite", clock=clock)
