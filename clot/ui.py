@@ -12,6 +12,7 @@ num_candidates, mode, adapter, temperature, top_p, top_k, max_new_tokens, repeti
     /draw_conditions     (language, num_candidates, text) -> "word, word, …"
     /refresh_adapters    (current adapter) -> (adapter picker, adapter cards table)
     /switch_adapter      (adapter) -> its card (Markdown)
+    /vote_pick, /arena_battle, /arena_vote, /leaderboard: the arena, see clot/arena_ui.py
 Every input is validated here too, because the HTTP API bypasses the sliders.
 """
 
@@ -46,6 +47,7 @@ from clot import meme, prompts  # noqa: E402
 from clot.engine import Engine, prepare_image  # noqa: E402
 from clot.nouns import draw_conditions, load_nouns  # noqa: E402
 from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task  # noqa: E402
+from clot.votes import VoteStore, default_db_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,7 @@ class Studio:
         self.engine = engine
         self.nouns_path = nouns_path
         self.memes = MemeStore()
+        self.arena = None  # set by build_demo: records the shown cards so they can take a vote
         # On ZeroGPU the decorated call runs in a forked worker that receives its arguments pickled:
         # wrap the bound method so only the request, mode and adapter name travel, never the engine.
         self.run = gpu(self._run)
@@ -287,6 +290,8 @@ class Studio:
             progress(0.05, desc=f"{request.num_candidates} candidates: {steps}…")
             candidates = self.run(request, mode, adapter)
             result = result_dict(request, mode, adapter, candidates)
+            if self.arena is not None:
+                self.arena.record_result(request, result)
             if not task.needs_image:
                 return result
             # An image with a blank usually carries its sentence at the bottom: keep it visible.
@@ -435,9 +440,14 @@ condition word, ranks them itself, keeps the top two and picks the better one; *
 and shows the model's own ranking."""
 
 
-def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: str = "CLoT humor studio") -> gr.Blocks:
-    """The whole app as gr.Blocks; the caller queues and launches it (see app.py)."""
+def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: str = "CLoT humor studio",
+               votes: VoteStore | None = None) -> gr.Blocks:
+    """The whole app as gr.Blocks; the caller queues and launches it (see app.py). Votes go to `votes`
+    (default: the store at CLOT_VOTES_DB)."""
+    from clot.arena_ui import Arena  # the arena builds on this module
+
     studio = Studio(engine, nouns_path)
+    studio.arena = Arena(studio, votes or VoteStore(default_db_path()))
     initial = engine.active_adapter
     gpu_work = dict(concurrency_id="gpu", concurrency_limit=1)  # all model work shares one slot
 
@@ -463,6 +473,7 @@ def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: s
             with gr.Tab(label, id=key):
                 _tab(studio, key, task, handler, api_name, examples, adapter, gpu_work=gpu_work,
                      defaults=engine.default_sampling())
+        studio.arena.tabs()
 
         refresh.click(studio.refresh_adapters, [adapter], [adapter, adapter_table], api_name="refresh_adapters")
         adapter.change(studio.switch_adapter, [adapter], [adapter_card], api_name="switch_adapter", **gpu_work)
@@ -521,6 +532,7 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
                 outputs_extra = [meme_image, download]
             with gr.Accordion("Result (JSON)", open=False):
                 result = gr.JSON(label="Result")
+            studio.arena.vote_row(result)
 
     if image is not None:
         upload_only(image)

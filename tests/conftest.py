@@ -13,6 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ARTIFACTS = Path(os.environ.get("CLOT_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def votes_db(tmp_path_factory) -> Path:
+    """Demos built by tests keep their votes in a temporary store, never in the working tree."""
+    path = tmp_path_factory.mktemp("votes") / "votes.sqlite"
+    os.environ["CLOT_VOTES_DB"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from clot import tiny
