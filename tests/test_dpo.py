@@ -119,9 +119,28 @@ def test_too_few_pairs_and_precomputed_references_are_refused(tmp_path):
         dpo.freeze(dpo.DpoSettings(votes=str(tmp_path), run_dir=str(tmp_path / "run")))
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "votes.jsonl").write_text('{"kind": "battle"}\n')
-    with pytest.raises(ClotError, match="line 1 is not a valid vote"):
-        dpo.freeze(dpo.DpoSettings(votes=str(broken), run_dir=str(tmp_path / "run")))
+    good = json.dumps(vote("battle", ["x", "y"], "A"))
+    for bad, reason in [('{"kind": "battle"}', "no vote_id"), ("not json", "Expecting value"),
+                        (good.replace('"T2T"', '"X2T"'), "Unknown task type")]:
+        (broken / "votes.jsonl").write_text(good + "\n" + bad + "\n")
+        with pytest.raises(ClotError, match=f"line 2 is not a valid vote .*{reason}"):
+            dpo.freeze(dpo.DpoSettings(votes=str(broken), run_dir=str(tmp_path / "run")))
+
+
+def test_a_vote_database_is_read_through_its_export(tmp_path, monkeypatch):
+    database = tmp_path / "votes.sqlite"
+    database.write_bytes(b"SQLite format 3\0")
+    calls = []
+
+    def fake_export(path, out):
+        calls.append((path, out))
+        return Path(shutil.copytree(SAMPLE_VOTES, out))
+
+    monkeypatch.setattr(dpo, "export_database", fake_export)
+    manifest = dpo.freeze(dpo.DpoSettings(votes=str(database), run_dir=str(tmp_path / "run")))
+    assert calls == [(database, tmp_path / "run" / "votes-export")] and manifest["counts"]["votes"] == 42
+    with pytest.raises(ClotError, match="do not exist"):
+        dpo.freeze(dpo.DpoSettings(votes=str(tmp_path / "nowhere.sqlite"), run_dir=str(tmp_path / "run")))
 
 
 def test_the_stage3_adapter_becomes_default_only_above_its_parents_interval():
@@ -179,3 +198,25 @@ def test_a_rerun_on_the_same_manifest_is_skipped(trained, capsys):
     settings, card = trained
     again = dpo.train(settings)
     assert again["created"] == card["created"] and "skipped" in capsys.readouterr().out
+
+
+def test_the_collator_scores_each_answer_up_to_its_first_im_end_with_the_image_twice(engine, tmp_path):
+    from clot.data import ImageStore
+    from clot.engine import load_processor
+
+    settings = dpo.DpoSettings(votes=str(SAMPLE_VOTES), run_dir=str(tmp_path))
+    dpo.freeze(settings)
+    pairs = dpo.read_pairs(settings.snapshot_dir, "train") + dpo.read_pairs(settings.snapshot_dir, "eval")
+    with_image = next(p for p in pairs if p["image"])
+    without = next(p for p in pairs if not p["image"])
+    processor = load_processor(engine.base_model, 64)
+    collator = dpo.PreferenceCollator(processor, ImageStore(settings.snapshot_dir / "images"), 1024)
+    rows = dpo._dataset([with_image, without]).to_list()
+    batch = collator(rows)
+    assert batch["input_ids"].shape[0] == 4 and batch["image_grid_thw"].shape[0] == 2  # chosen, then rejected
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer = processor.tokenizer
+    for row, answer in zip(range(4), [with_image["chosen"], without["chosen"], with_image["rejected"], without["rejected"]]):
+        scored = batch["input_ids"][row][batch["completion_mask"][row].bool()]
+        assert scored[-1] == end and (scored == end).sum() == 1  # ends at the first <|im_end|>, no "\n" after it
+        assert tokenizer.decode(scored[:-1]).strip() == answer

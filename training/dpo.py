@@ -106,10 +106,12 @@ class DpoSettings:
 
 # ---------------------------------------------------------------- votes
 def export_database(database: Path, out: Path) -> Path:
-    """A live vote database → an export folder, through the vote store's own exporter (clot.votes)."""
-    env = dict(os.environ, CLOT_VOTES_DB=str(database))
+    """A live vote database → a fresh export folder, through the vote store's own exporter (clot.votes)."""
+    out = out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, CLOT_VOTES_DB=str(database.resolve()))
     result = subprocess.run([sys.executable, "-m", "clot.votes", "export", "--out", str(out)], env=env,
-                            capture_output=True, text=True)
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["no detail"])[-1][:200]
         raise ClotError(f"Could not export the votes of {database} ({detail}).")
@@ -146,12 +148,15 @@ def read_votes(folder: Path) -> list[dict]:
 
 
 def _check_vote(vote: dict) -> None:
+    """Raises ValueError (ClotError is one) or KeyError for a line that breaks the export format."""
+    missing = [key for key in ("vote_id", "kind", "time", "base_model", "prompt", "candidates", "choice")
+               if key not in vote]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
     if vote["kind"] not in ("pick", "battle"):
         raise ValueError(f"unknown kind {vote['kind']!r}")
-    for key in ("vote_id", "time", "base_model", "choice"):
-        vote[key]  # noqa: B018 - a KeyError names the missing field
-    prompt = vote["prompt"]
-    Task.parse(prompt["task"]), Language.parse(prompt["language"])
+    Task.parse(vote["prompt"]["task"])
+    Language.parse(vote["prompt"]["language"])
     if not all(isinstance(c["text"], str) for c in vote["candidates"]):
         raise ValueError("a candidate has no text")
     _time(vote["time"])
@@ -395,10 +400,6 @@ def train(settings: DpoSettings, manifest: dict | None = None) -> dict:
     """Freeze the pairs (unless given a frozen snapshot's manifest), train from the stage-2 adapter,
     measure reward accuracy on the eval pairs, publish. Returns the card; an adapter already
     published from the same manifest and recipe is returned as it is."""
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-    from trl import DPOConfig
-
     if settings.precompute_ref_log_probs:
         raise ClotError("precompute_ref_log_probs is not possible here: the pairs carry images, which DPOTrainer "
                         "processes on the fly; leave it false (the reference adapter is computed alongside).")
@@ -418,6 +419,9 @@ def train(settings: DpoSettings, manifest: dict | None = None) -> dict:
         print(f"{settings.adapter_name} is already trained on these pairs ({manifest['pairs_sha256'][:16]}); skipped",
               flush=True)
         return existing
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    from trl import DPOConfig
 
     use_cpu = settings.device == "cpu" or not torch.cuda.is_available()
     dtype, precision_flags = sft._precision(settings, use_cpu)
