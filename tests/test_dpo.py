@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -95,7 +96,7 @@ def test_sample_votes_freeze_into_a_manifest_that_a_rerun_keeps(tmp_path):
     assert set(counts["pairs_by_language"]) == {"en", "zh", "ja"} and set(counts["pairs_by_kind"]) == {"battle", "pick"}
     assert counts["train_pairs"] + counts["eval_pairs"] == counts["pairs"] and counts["eval_pairs"] > 0
     pairs_file = settings.snapshot_dir / dpo.PAIRS_FILE
-    assert dpo._file_sha256(pairs_file) == manifest["pairs_sha256"]
+    assert hashlib.sha256(pairs_file.read_bytes()).hexdigest() == manifest["pairs_sha256"]
     assert manifest["vote_cutoff"] and manifest["base_model"] == "tiny"
     assert sorted(p.stem for p in (settings.snapshot_dir / "images").iterdir()) == sorted(manifest["images"])
     written = pairs_file.stat().st_mtime_ns

@@ -204,6 +204,7 @@ def build_pairs(votes: list[dict], base_model: str, losers_per_pick: int = 3, un
         if cutoff and moment > cutoff:
             dropped["after_cutoff"] += 1
             continue
+        last_time = max(last_time, moment) if last_time else moment  # every vote up to here was considered
         if vote.get("excluded"):
             dropped["excluded"] += 1
             continue
@@ -219,7 +220,6 @@ def build_pairs(votes: list[dict], base_model: str, losers_per_pick: int = 3, un
             dropped["no_preference"] += 1
             continue
         used[vote["kind"]] += 1
-        last_time = max(last_time, moment) if last_time else moment
         key = _prompt_key(prompt)
         prompts_by_key[key] = prompt
         for winner, loser in outcomes:
@@ -252,10 +252,6 @@ def split_by_prompt(pairs: list[dict], eval_ratio: float, seed: int) -> None:
         pair["split"] = "eval" if pair["prompt_id"] in evaluation else "train"
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def freeze(settings: DpoSettings) -> dict:
     """Build the pairs from the votes and freeze them in the snapshot folder; returns its manifest.
     A snapshot with the same manifest is left as it is (its files keep their times)."""
@@ -281,20 +277,22 @@ def freeze(settings: DpoSettings) -> dict:
                    "pairs_by_kind": dict(sorted(Counter(p["kind"] for p in pairs).items())),
                    "pairs_by_language": dict(sorted(Counter(p["language"] for p in pairs).items()))},
         "rules": {"losers_per_pick": settings.losers_per_pick, "eval_ratio": settings.eval_ratio, "seed": settings.seed},
-        "images": {i: _file_sha256(export / "images" / f"{i}.png") for i in images},
+        "images": images,  # their names are the sha256 of their bytes
     }
     if read_manifest(folder) == manifest:
         return manifest
-    staging = Path(tempfile.mkdtemp(prefix=".pairs-", dir=folder.parent if folder.parent.exists() else None))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
     (staging / "images").mkdir()
     (staging / PAIRS_FILE).write_text(lines, encoding="utf-8")
     for image in images:
         shutil.copy2(export / "images" / f"{image}.png", staging / "images" / f"{image}.png")
     adapters.write_json_atomic(staging / MANIFEST, manifest)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    retired = folder.with_name(f".{folder.name}.retired-{os.getpid()}")
     if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+        os.replace(folder, retired)
+    os.replace(staging, folder)  # the snapshot appears whole or not at all
+    shutil.rmtree(retired, ignore_errors=True)
     return manifest
 
 
