@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -221,3 +222,11 @@ def test_the_collator_scores_each_answer_up_to_its_first_im_end_with_the_image_t
         scored = batch["input_ids"][row][batch["completion_mask"][row].bool()]
         assert scored[-1] == end and (scored == end).sum() == 1  # ends at the first <|im_end|>, no "\n" after it
         assert tokenizer.decode(scored[:-1]).strip() == answer
+
+
+def test_a_longer_run_resumes_from_the_checkpoint(trained, capsys):
+    settings, _ = trained  # runs last: it extends the shared run by one step under another adapter name
+    longer = dataclasses.replace(settings, adapter_name="tiny-stage3-longer", max_steps=3)
+    card = dpo.train(longer)
+    assert "resuming from" in capsys.readouterr().out and card["metrics"]["steps"] == 3
+    assert [row["step"] for row in dpo.sft.read_csv(Path(settings.run_dir) / "loss.csv")] == ["1", "2", "3"]

@@ -383,21 +383,21 @@ def _recipe(settings: DpoSettings, manifest: dict) -> dict:
 
 
 def published_card(settings: DpoSettings, manifest: dict) -> dict | None:
-    """The card of an adapter already published from the same pairs, parent and recipe, if any."""
+    """The card of an adapter already published from the same pairs, parent and settings, if any."""
     try:
         card = adapters.validate(Path(settings.adapters_dir) / settings.adapter_name)
         parent = adapters.read_card(Path(settings.init_adapter))
     except ClotError:
         return None
     same = (card.get("pairs_sha256") == manifest["pairs_sha256"] and card.get("parent_created") == parent.get("created")
-            and card.get("recipe") == _recipe(settings, manifest))
+            and card.get("settings") == json.loads(json.dumps(asdict(settings))))
     return card if same else None
 
 
 def train(settings: DpoSettings, manifest: dict | None = None) -> dict:
     """Freeze the pairs (unless given a frozen snapshot's manifest), train from the stage-2 adapter,
     measure reward accuracy on the eval pairs, publish. Returns the card; an adapter already
-    published from the same manifest and recipe is returned as it is."""
+    published from the same manifest, parent and settings is returned as it is."""
     if settings.precompute_ref_log_probs:
         raise ClotError("precompute_ref_log_probs is not possible here: the pairs carry images, which DPOTrainer "
                         "processes on the fly; leave it false (the reference adapter is computed alongside).")
@@ -479,7 +479,7 @@ def train(settings: DpoSettings, manifest: dict | None = None) -> dict:
         base_model=settings.base_model, fingerprint=fingerprint, stage=3, round=settings.round, method="dpo",
         base_model_path=base_path, parent=Path(settings.init_adapter).name, parent_created=parent.get("created"),
         pairs_sha256=manifest["pairs_sha256"], vote_cutoff=manifest["vote_cutoff"], pairs=manifest["counts"],
-        recipe=_recipe(settings, manifest), settings=asdict(settings), metrics=metrics)
+        settings=asdict(settings), metrics=metrics)
     if trainer.is_world_process_zero():
         with tempfile.TemporaryDirectory(dir=run_dir) as staging:
             trainer.model.save_pretrained(staging, selected_adapters=["default"])  # without the reference copy
