@@ -344,9 +344,13 @@ def _trainer_class():
         recomputed from the policy's and the reference's log-probabilities of each batch."""
 
         def _compute_loss(self, model, inputs, return_outputs):
-            seen = []
-            hook = self.accelerator.unwrap_model(model).register_forward_hook(
-                lambda module, args, output: seen.append(output.log_probs.detach()))
+            seen = []  # per-token log-probs of the policy's forward, then the reference's
+
+            def keep(module, args, output):
+                if getattr(output, "log_probs", None) is not None:
+                    seen.append(output.log_probs.detach())
+
+            hook = self.accelerator.unwrap_model(model).register_forward_hook(keep)
             try:
                 result = super()._compute_loss(model, inputs, return_outputs)
             finally:
