@@ -113,7 +113,8 @@ def test_sample_votes_freeze_into_a_manifest_that_a_rerun_keeps(tmp_path):
 
 def test_too_few_pairs_and_precomputed_references_are_refused(tmp_path):
     base = dict(votes=str(SAMPLE_VOTES), run_dir=str(tmp_path / "run"), init_adapter=str(tmp_path / "stage2"))
-    with pytest.raises(ClotError, match=r"Only 35 training pairs .*46 pairs in all.*at least 100 \(setting min_pairs\)"):
+    refusal = r"Only 35 training pairs .*46 pairs in all.*at least 100 \(setting min_pairs\)"
+    with pytest.raises(ClotError, match=refusal):
         dpo.train(dpo.DpoSettings(min_pairs=100, **base))
     with pytest.raises(ClotError, match="precompute_ref_log_probs is not possible"):
         dpo.train(dpo.DpoSettings(precompute_ref_log_probs=True, **base))
@@ -158,7 +159,8 @@ def trained(engine, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("dpo")
     parent = make_adapter(engine, "tiny-stage2-r1", seed=3, stage=2, round=1, scale=0.05, folder=folder / "adapters")
-    settings = dpo.DpoSettings(base_model=engine.base_model, vote_base_model="tiny", votes=str(SAMPLE_VOTES), run_dir=str(folder / "stage3"),
+    settings = dpo.DpoSettings(base_model=engine.base_model, vote_base_model="tiny", votes=str(SAMPLE_VOTES),
+                               run_dir=str(folder / "stage3"),
                                init_adapter=str(parent), adapters_dir=str(engine.adapters_dir),
                                adapter_name="tiny-stage3-r1", per_device_train_batch_size=1, max_steps=2,
                                logging_steps=1, save_steps=2, learning_rate=1e-3, max_length=1024, device="cpu")
@@ -218,7 +220,8 @@ def test_the_collator_scores_each_answer_up_to_its_first_im_end_with_the_image_t
     assert batch["input_ids"].shape[0] == 4 and batch["image_grid_thw"].shape[0] == 2  # chosen, then rejected
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     tokenizer = processor.tokenizer
-    for row, answer in zip(range(4), [with_image["chosen"], without["chosen"], with_image["rejected"], without["rejected"]]):
+    answers = [with_image["chosen"], without["chosen"], with_image["rejected"], without["rejected"]]
+    for row, answer in enumerate(answers):
         scored = batch["input_ids"][row][batch["completion_mask"][row].bool()]
         assert scored[-1] == end and (scored == end).sum() == 1  # ends at the first <|im_end|>, no "\n" after it
         assert tokenizer.decode(scored[:-1]).strip() == answer

@@ -193,7 +193,8 @@ def vote_outcomes(vote: dict, losers_per_pick: int) -> list[tuple[str, str]]:
     return [(winner, loser) for loser in losers[:losers_per_pick]] if winner else []
 
 
-def build_pairs(votes: list[dict], base_model: str, losers_per_pick: int = 3, until: str = "") -> tuple[list[dict], dict]:
+def build_pairs(votes: list[dict], base_model: str, losers_per_pick: int = 3,
+                until: str = "") -> tuple[list[dict], dict]:
     """Preference pairs from the votes, and the counts of what was used and dropped."""
     cutoff = _time(until) if until else None
     dropped, used = Counter(), Counter()
@@ -235,7 +236,8 @@ def build_pairs(votes: list[dict], base_model: str, losers_per_pick: int = 3, un
         prompt = prompts_by_key[key]
         pairs.append({"prompt_id": key, "task": prompt["task"], "language": Language.parse(prompt["language"]).value,
                       "question": prompt.get("text") or "", "image": prompt.get("image"),
-                      "chosen": chosen, "rejected": rejected, "votes_for": wins[chosen], "votes_against": wins[rejected],
+                      "chosen": chosen, "rejected": rejected,
+                      "votes_for": wins[chosen], "votes_against": wins[rejected],
                       "kind": kinds[(key, first, second)].most_common(1)[0][0]})
     counts = {"votes": len(votes), "votes_used": dict(sorted(used.items())), "dropped": dict(sorted(dropped.items())),
               "vote_cutoff": last_time.isoformat() if last_time else None}
@@ -276,7 +278,8 @@ def freeze(settings: DpoSettings) -> dict:
                    "prompts": len({p["prompt_id"] for p in pairs}),
                    "pairs_by_kind": dict(sorted(Counter(p["kind"] for p in pairs).items())),
                    "pairs_by_language": dict(sorted(Counter(p["language"] for p in pairs).items()))},
-        "rules": {"losers_per_pick": settings.losers_per_pick, "eval_ratio": settings.eval_ratio, "seed": settings.seed},
+        "rules": {"losers_per_pick": settings.losers_per_pick, "eval_ratio": settings.eval_ratio,
+                  "seed": settings.seed},
         "images": images,  # their names are the sha256 of their bytes
     }
     if read_manifest(folder) == manifest:
@@ -432,7 +435,7 @@ def train(settings: DpoSettings, manifest: dict | None = None) -> dict:
         output_dir=str(settings.checkpoints_dir), seed=settings.seed, use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         beta=settings.beta, loss_type=["sigmoid", "sft"] if settings.sft_weight else ["sigmoid"],
-        loss_weights=[settings.sigmoid_weight, settings.sft_weight] if settings.sft_weight else [settings.sigmoid_weight],
+        loss_weights=[settings.sigmoid_weight] + ([settings.sft_weight] if settings.sft_weight else []),
         max_length=None,  # our collator caps the length; TRL's truncation could cut image tokens
         precompute_ref_log_probs=False,
         per_device_train_batch_size=settings.per_device_train_batch_size,

@@ -1,4 +1,5 @@
-"""The whole CLoT recipe in one command: data → noun set → stage 1 → stage-2 rounds → [stage 3] → evaluation → publish.
+"""The whole CLoT recipe in one command: data → noun set → stage 1 → stage-2 rounds → [stage 3] → evaluation
+→ publish.
 
     python training/run_clot.py --config training/configs/tiny.yaml
     python training/run_clot.py --config training/configs/qwen2.5-vl-3b.yaml --set clot.rounds=2
