@@ -103,6 +103,7 @@ def test_unknown_stage_and_bad_settings_are_refused(tmp_path):
         run_clot.Pipeline("training/configs/tiny.yaml", [f"run_dir={tmp_path}"], "stage9")
     with pytest.raises(run_clot.ClotError, match="Unknown setting"):
         run_clot.Pipeline("training/configs/tiny.yaml", [f"run_dir={tmp_path}", "clot.roundz=2"])
+    assert run_clot.Pipeline("training/configs/tiny.yaml", [f"run_dir={tmp_path}"], "stage3").from_stage == "dpo"
 
 
 def test_push_to_hub_uploads_the_adapter_with_a_model_card(engine, tmp_path, monkeypatch):

@@ -98,6 +98,7 @@ class Pipeline:
                 ("base_model", "run_dir", "seed")]
 
     def _resolve(self, name: str) -> str:
+        name = {"stage3": "dpo"}.get(name, name)
         if name in self.order:
             return name
         if name in ("explore", "stage2"):
