@@ -401,10 +401,10 @@ def published_card(settings: DpoSettings, manifest: dict) -> dict | None:
     return card if same else None
 
 
-def train(settings: DpoSettings, manifest: dict | None = None) -> dict:
+def train(settings: DpoSettings, manifest: dict | None = None, reuse: bool = True) -> dict:
     """Freeze the pairs (unless given a frozen snapshot's manifest), train from the stage-2 adapter,
-    measure reward accuracy on the eval pairs, publish. Returns the card; an adapter already
-    published from the same manifest, parent and settings is returned as it is."""
+    measure reward accuracy on the eval pairs, publish. Returns the card. With `reuse`, an adapter
+    already published from the same manifest, parent and settings is returned as it is."""
     if settings.precompute_ref_log_probs:
         raise ClotError("precompute_ref_log_probs is not possible here: the pairs carry images, which DPOTrainer "
                         "processes on the fly; leave it false (the reference adapter is computed alongside).")
@@ -419,7 +419,7 @@ def train(settings: DpoSettings, manifest: dict | None = None) -> dict:
         raise ClotError(f"Only {len(train_pairs)} training pairs came from the votes in {settings.votes} "
                         f"({manifest['counts']['pairs']} pairs in all); stage 3 needs at least {settings.min_pairs} "
                         "(setting min_pairs). Collect more votes first.")
-    existing = published_card(settings, manifest)
+    existing = published_card(settings, manifest) if reuse else None
     if existing is not None:
         print(f"{settings.adapter_name} is already trained on these pairs ({manifest['pairs_sha256'][:16]}); skipped",
               flush=True)

@@ -30,16 +30,16 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training import dpo  # noqa: E402
 from training import evaluate as evaluation  # noqa: E402
 from training import explore as exploration  # noqa: E402
 from training import instructions as instruction_set  # noqa: E402
-from training import dpo  # noqa: E402
 from training import sft  # noqa: E402
-import yaml  # noqa: E402
-
 from training.config import distributed, load_config  # noqa: E402
 
 from clot import adapters  # noqa: E402
@@ -263,7 +263,7 @@ class Pipeline:
         return {"adapter": settings.adapter_name, "metrics": card.get("metrics"), "created": card.get("created")}
 
     def _dpo(self, settings: dpo.DpoSettings, manifest: dict) -> dict:
-        card = dpo.train(settings, manifest)
+        card = dpo.train(settings, manifest, reuse=False)  # the stage's stamp decides what to skip
         return {"adapter": settings.adapter_name, "metrics": card.get("metrics"), "created": card.get("created"),
                 "pairs_sha256": manifest["pairs_sha256"], "vote_cutoff": manifest["vote_cutoff"]}
 
