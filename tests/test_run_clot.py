@@ -94,6 +94,7 @@ def test_second_run_skips_every_stage_and_from_stage_restarts(finished):
     before = adapters.read_card(tmp / "adapters" / "run-stage2-r1")["created"]
     redo = summary_of(run(["--from-stage", "stage2", "--set", "stage2.max_steps=2"], tmp))
     assert redo["ran"][0] == "stage2-r1" and "stage1" in redo["skipped"] and "explore-r1" in redo["skipped"]
+    assert "dpo" in redo["ran"]  # stage 3 follows its new parent
     card = adapters.read_card(tmp / "adapters" / "run-stage2-r1")
     assert card["metrics"]["steps"] == 2 and card["created"] >= before
 
