@@ -27,7 +27,7 @@ CARD = "clot.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 BASE = "base"  # the name that means "no adapter"
-STAGES = (1, 2, "official", "imported")  # trained here (CLoT stage 1 or 2), or imported (python -m clot.adapters import)
+STAGES = (1, 2, 3, "official", "imported")  # trained here (CLoT stage 1 or 2, stage 3 = DPO from votes), or imported (python -m clot.adapters import)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 

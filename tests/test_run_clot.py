@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from clot import adapters
 from clot.engine import Engine
-from training import run_clot
+from training import run_clot, sft
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,8 +44,8 @@ def finished(tmp_path_factory, artifacts):
 @pytest.mark.slow
 def test_tiny_preset_runs_every_stage_and_publishes_loadable_adapters(finished, artifacts):
     tmp, summary = finished
-    assert summary["adapters"] == ["run-stage1", "run-stage2-r1"]
-    assert summary["ran"][:5] == ["data", "instructions", "stage1", "explore-r1", "stage2-r1"]
+    assert summary["adapters"] == ["run-stage1", "run-stage2-r1", "run-stage3-r1"]
+    assert summary["ran"][:6] == ["data", "instructions", "stage1", "explore-r1", "stage2-r1", "dpo"]
     assert summary["ran"][-1] == "publish" and summary["skipped"] == []
     stage1 = adapters.validate(tmp / "adapters" / "run-stage1")
     stage2 = adapters.validate(tmp / "adapters" / "run-stage2-r1")
@@ -69,6 +70,23 @@ def test_tiny_preset_runs_every_stage_and_publishes_loadable_adapters(finished, 
 
 
 @pytest.mark.slow
+def test_tiny_preset_stage3_learns_from_the_sample_votes_and_joins_the_evaluation(finished):
+    tmp, _ = finished
+    card = adapters.validate(tmp / "adapters" / "run-stage3-r1")
+    assert (card["stage"], card["method"], card["parent"]) == (3, "dpo", "run-stage2-r1")
+    manifest = json.loads((tmp / "run" / "stage3-pairs" / "manifest.json").read_text())
+    assert card["pairs_sha256"] == manifest["pairs_sha256"] and card["metrics"]["steps"] == 6
+    assert "eval_reward_accuracy" in card["metrics"] and "evaluation" in card  # the report's numbers, copied in
+    report = json.loads((tmp / "run" / "eval" / "report.json").read_text())
+    assert {"base", "run-stage2-r1", "run-stage3-r1"} <= set(report["models"])
+    first = sft.read_csv(tmp / "run" / "stage3" / "loss.csv")[0]
+    assert float(first["dpo_loss"]) == pytest.approx(math.log(2), abs=1e-5)
+    engine = Engine.load(str(tmp / "tiny"), adapters_dir=tmp / "adapters", device="cpu")
+    engine.use_adapter("run-stage3-r1")
+    assert engine.active_adapter == "run-stage3-r1"
+
+
+@pytest.mark.slow
 def test_second_run_skips_every_stage_and_from_stage_restarts(finished):
     tmp, _ = finished
     again = summary_of(run([], tmp))
@@ -76,6 +94,7 @@ def test_second_run_skips_every_stage_and_from_stage_restarts(finished):
     before = adapters.read_card(tmp / "adapters" / "run-stage2-r1")["created"]
     redo = summary_of(run(["--from-stage", "stage2", "--set", "stage2.max_steps=2"], tmp))
     assert redo["ran"][0] == "stage2-r1" and "stage1" in redo["skipped"] and "explore-r1" in redo["skipped"]
+    assert "dpo" in redo["ran"]  # stage 3 follows its new parent
     card = adapters.read_card(tmp / "adapters" / "run-stage2-r1")
     assert card["metrics"]["steps"] == 2 and card["created"] >= before
 
@@ -85,6 +104,7 @@ def test_unknown_stage_and_bad_settings_are_refused(tmp_path):
         run_clot.Pipeline("training/configs/tiny.yaml", [f"run_dir={tmp_path}"], "stage9")
     with pytest.raises(run_clot.ClotError, match="Unknown setting"):
         run_clot.Pipeline("training/configs/tiny.yaml", [f"run_dir={tmp_path}", "clot.roundz=2"])
+    assert run_clot.Pipeline("training/configs/tiny.yaml", [f"run_dir={tmp_path}"], "stage3").from_stage == "dpo"
 
 
 def test_push_to_hub_uploads_the_adapter_with_a_model_card(engine, tmp_path, monkeypatch):
@@ -138,7 +158,7 @@ def test_tiny_preset_runs_under_two_processes(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_fills_every_stage_with_known_valid_settings(preset):
-    from training import evaluate, explore, instructions, sft
+    from training import dpo, evaluate, explore, instructions, sft
     from training.config import load_config
 
     load_config(run_clot.RunSettings, preset, "clot")
@@ -147,3 +167,4 @@ def test_every_preset_fills_every_stage_with_known_valid_settings(preset):
     load_config(sft.TrainSettings, preset, "training", also="stage2")
     load_config(explore.ExploreSettings, preset, "explore").validate()
     load_config(evaluate.EvalSettings, preset, "evaluation")
+    load_config(dpo.DpoSettings, preset, "dpo")

@@ -1,4 +1,5 @@
-"""The whole CLoT recipe in one command: data → noun set → stage 1 → stage-2 rounds → evaluation → publish.
+"""The whole CLoT recipe in one command: data → noun set → stage 1 → stage-2 rounds → [stage 3] → evaluation
+→ publish.
 
     python training/run_clot.py --config training/configs/tiny.yaml
     python training/run_clot.py --config training/configs/qwen2.5-vl-3b.yaml --set clot.rounds=2
@@ -12,6 +13,8 @@ the stamps of the stages it builds on. A stage whose stamp matches and whose out
 skipped, so re-running after a crash continues where it stopped, and a second run with nothing
 changed does nothing. Adapters are published atomically into the adapters folder as
 <run_name>-stage1 and <run_name>-stage2-r<k>, where a running demo lists them after "Refresh".
+With a `dpo:` section in the recipe, stage 3 (training/dpo.py) trains on human votes after stage 2
+and publishes <run_name>-stage3-r<k>; it reruns only when the frozen vote pairs change.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training import dpo  # noqa: E402
 from training import evaluate as evaluation  # noqa: E402
 from training import explore as exploration  # noqa: E402
 from training import instructions as instruction_set  # noqa: E402
@@ -80,7 +86,8 @@ class Pipeline:
         self.order = ["data", "instructions", "stage1"]
         for k in range(1, self.run.rounds + 1):
             self.order += [f"explore-r{k}", f"stage2-r{k}"]
-        self.order += ["evaluate", "publish"]
+        self.with_dpo = _has_section(config, "dpo")
+        self.order += (["dpo"] if self.with_dpo else []) + ["evaluate", "publish"]
         self.from_stage = self._resolve(from_stage) if from_stage else None
         self.ran: list[str] = []
         self.skipped: list[str] = []
@@ -92,6 +99,7 @@ class Pipeline:
                 ("base_model", "run_dir", "seed")]
 
     def _resolve(self, name: str) -> str:
+        name = {"stage3": "dpo"}.get(name, name)
         if name in self.order:
             return name
         if name in ("explore", "stage2"):
@@ -164,6 +172,14 @@ class Pipeline:
         return dataclasses.replace(settings, round=round_, adapter=adapter, adapters_dir=self.run.adapters_dir,
                                    instructions=str(self.root / "instructions"), out=str(self.root / f"explore-r{round_}"))
 
+    def dpo_settings(self, parent: str) -> dpo.DpoSettings:
+        """The `dpo` section, starting from the last adapter before it, with its pairs frozen in the run."""
+        settings = load_config(dpo.DpoSettings, self.config, "dpo", self._section(self.overrides, "dpo"))
+        return dataclasses.replace(settings, adapters_dir=self.run.adapters_dir, run_dir=str(self.root / "stage3"),
+                                   snapshot=str(self.root / "stage3-pairs"), resume="auto",
+                                   init_adapter=str(Path(self.run.adapters_dir) / parent),
+                                   adapter_name=f"{self.run.name}-stage3-r{settings.round}")
+
     def _adapter_ok(self, name: str) -> bool:
         try:
             adapters.validate(Path(self.run.adapters_dir) / name)
@@ -221,6 +237,14 @@ class Pipeline:
             current = stage2_name
 
         trained = [stage1_name] + [f"{name}-stage2-r{k}" for k in range(1, self.run.rounds + 1)]
+        if self.with_dpo:
+            s3 = self.dpo_settings(current)
+            self.main_only(lambda: dpo.freeze(s3))  # the votes as they are now: the stage reruns when they change
+            manifest = dpo.read_manifest(s3.snapshot_dir)
+            self.step("dpo", {"settings": asdict(s3), "pairs": manifest["pairs_sha256"],
+                              "parent": self._card(current).get("created")},
+                      lambda: self._dpo(s3, manifest), lambda: self._adapter_ok(s3.adapter_name), Path(s3.run_dir))
+            trained.append(s3.adapter_name)
         report = None
         if self.run.evaluate:
             models = (["base"] if self.run.evaluate_base else []) + trained
@@ -238,6 +262,11 @@ class Pipeline:
     def _train(self, settings: sft.TrainSettings) -> dict:
         card = sft.train(settings)
         return {"adapter": settings.adapter_name, "metrics": card.get("metrics"), "created": card.get("created")}
+
+    def _dpo(self, settings: dpo.DpoSettings, manifest: dict) -> dict:
+        card = dpo.train(settings, manifest, reuse=False)  # the stage's stamp decides what to skip
+        return {"adapter": settings.adapter_name, "metrics": card.get("metrics"), "created": card.get("created"),
+                "pairs_sha256": manifest["pairs_sha256"], "vote_cutoff": manifest["vote_cutoff"]}
 
     def _evaluation_dir(self) -> Path:
         return self.root / "eval"
@@ -264,6 +293,17 @@ class Pipeline:
                 card["evaluation"] = metrics[name]
                 adapters.write_json_atomic(Path(self.run.adapters_dir) / name / adapters.CARD, card)
         return {"published": trained}
+
+
+def _has_section(config: str | None, section: str) -> bool:
+    """Whether the recipe has this section (optional stages run only when it is there)."""
+    if config is None:
+        return False
+    try:
+        recipe = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ClotError(f"Could not read the config {config}: {err}") from None
+    return isinstance(recipe, dict) and section in recipe
 
 
 def _data_files_digest(data: str) -> str:
@@ -305,8 +345,9 @@ def model_card(name: str, card: dict) -> str:
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"| {k} | {v} |"
                      for k, v in metrics.items())
     stage = {1: "stage 1 (associable instruction tuning)",
-             2: f"stage 2 (explorative self-refinement), round {card.get('round')}"}.get(
-        card.get("stage"), f"{card.get('stage')}, imported from {card.get('source')}")
+             2: f"stage 2 (explorative self-refinement), round {card.get('round')}",
+             3: f"stage 3 (DPO from human votes on {card.get('vote_cutoff')}), round {card.get('round')}"
+             }.get(card.get("stage"), f"{card.get('stage')}, imported from {card.get('source')}")
     return f"""---
 base_model: {card.get('base_model')}
 library_name: peft
@@ -339,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe (training/configs/<preset>.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting: key=value (shared keys) or section.key=value "
-                             "(sections: clot, instructions, training, stage2, explore, evaluation)")
+                             "(sections: clot, instructions, training, stage2, explore, dpo, evaluation)")
     parser.add_argument("--from-stage", help="force this stage and every later one to run again")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the last adapter to this hub repository")
     parser.add_argument("--plan", action="store_true",

@@ -243,23 +243,25 @@ def _recipe(settings: TrainSettings) -> dict:
     return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k not in RESUMABLE_CHANGES}))
 
 
-def resume_point(settings: TrainSettings) -> Path | None:
+def resume_point(settings: TrainSettings, recipe: dict | None = None) -> Path | None:
     """For resume: auto, the newest complete checkpoint, if this recipe made it and it is not past
     this run's last step. Checkpoints of another recipe (say, a stage redone with other settings)
-    are cleared, so the run starts over instead of continuing someone else's training."""
+    are cleared, so the run starts over instead of continuing someone else's training.
+    `recipe` replaces the one read from the settings (stage 3 adds its pairs to it)."""
+    recipe = recipe or _recipe(settings)
     folder = settings.checkpoints_dir
     recipe_file = folder / "recipe.json"
     checkpoint = last_checkpoint(folder)
     if checkpoint is not None:
         step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-        same = not recipe_file.is_file() or json.loads(recipe_file.read_text()) == _recipe(settings)
+        same = not recipe_file.is_file() or json.loads(recipe_file.read_text()) == recipe
         if same and (settings.max_steps <= 0 or step <= settings.max_steps):
             return checkpoint
         print(f"not resuming {checkpoint}: it was made with other settings; starting over", flush=True)
         shutil.rmtree(folder)
         (Path(settings.run_dir) / "loss.csv").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    adapters.write_json_atomic(recipe_file, _recipe(settings))
+    adapters.write_json_atomic(recipe_file, recipe)
     return None
 
 
