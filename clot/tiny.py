@@ -20,8 +20,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "assets"
 DEFAULT_DIR = Path(os.environ.get("CLOT_TINY_DIR", Path(tempfile.gettempdir()) / "clot-tiny"))
 CACHE_DIR = Path(os.environ.get("CLOT_CACHE_DIR", Path(tempfile.gettempdir()) / "clot-cache"))
 TINY_NAME = "clot-tiny-qwen2.5-vl"
@@ -82,7 +80,7 @@ def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes
         candidates = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
         best_rank, i = min(candidates)
         if best_rank >= rank:
-            raise ValueError(f"token {rank} of qwen.tiktoken cannot be made from earlier merges")
+            raise ValueError(f"token {rank} of the ranks file cannot be made from earlier merges")
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts[0], parts[1]
 
@@ -117,6 +115,7 @@ def _make_tokenizer(ranks_text: str):
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
     )
+    # listed as the real tokenizer lists them: <|endoftext|> is already the pad token
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in PLAIN_ADDED_TOKENS])
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -143,7 +142,7 @@ def build_tokenizer():
 
 
 # Model sizes of the same architecture, all with the genuine vocabulary. "tiny" is for tests; "small"
-# (~100M parameters besides its 117M embedding rows) is for CPU benchmarks where the relative cost of
+# (234M parameters, half of them its embedding) is for CPU benchmarks where the relative cost of
 # image tokens must be realistic. `max_image_tokens` is the image cap a size is meant to run with.
 SIZES = {
     "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
