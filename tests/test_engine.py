@@ -158,7 +158,7 @@ def test_scores_are_probabilities_and_agree_with_forced_choice(engine, image):
             mask = torch.cat([batch["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
             extra = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}
             mm = torch.cat([batch["mm_token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], dim=1)
-            with torch.no_grad():
+            with engine.using(None):  # the engine's active adapter, or none at all for the base, as score has
                 logits = engine.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, **extra).logits
             forced.append(torch.log_softmax(logits[0, -2].float(), -1)[letter_id].item())
         assert max(range(len(options)), key=lambda i: scores[i]) == max(range(len(options)), key=lambda i: forced[i])
