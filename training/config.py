@@ -93,11 +93,16 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
 
 
 def resolve_base_model(name: str) -> str:
-    """`tiny` means the offline tiny model of clot/tiny.py (built once); anything else is a hub id or path."""
+    """`tiny` means the offline tiny model of clot/tiny.py and `tiny-qwen-vl` the tiny Qwen-VL-Chat of
+    clot/models/qwen_vl/tiny.py (each built once); anything else is a hub id or path."""
     if name == "tiny":
         from clot import tiny
 
         return str(tiny.build())
+    if name == "tiny-qwen-vl":
+        from clot.models.qwen_vl import tiny as tiny_qwen_vl
+
+        return str(tiny_qwen_vl.build())
     return name
 
 

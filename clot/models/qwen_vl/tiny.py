@@ -1,9 +1,15 @@
-"""A tiny Qwen-VL-Chat checkpoint folder laid out like the hub's, for tests and offline demos."""
+"""A tiny Qwen-VL-Chat checkpoint folder laid out like the hub's, for tests and offline demos.
+
+    python -m clot.models.qwen_vl.tiny /tmp/clot-tiny-qwen-vl    # build (or reuse) and print the folder
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +19,9 @@ from clot.models.qwen_vl.random_weights import SEED, TINY_CONFIG, fill_
 GENERATION_CONFIG = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643,
                      "max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0,
                      "top_p": 0.5}
+
+DEFAULT_DIR = Path(os.environ.get("CLOT_TINY_QWEN_VL_DIR", Path(tempfile.gettempdir()) / "clot-tiny-qwen-vl"))
+STAMP = "clot_tiny.json"
 
 # As on the hub: the remote code it names is never run (clot registers the native classes).
 AUTO_MAP = {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
@@ -37,3 +46,41 @@ def build_tiny_checkpoint(folder, seed: int = SEED) -> Path:
         for name in ("model.safetensors", "config.json", "generation_config.json"):
             os.replace(scratch / name, folder / name)
     return folder
+
+
+def build(target: str | os.PathLike = DEFAULT_DIR, force: bool = False, seed: int = SEED) -> Path:
+    """The complete tiny checkpoint (weights, config, generation config, tokenizer and processor files)
+    in `target`, written atomically unless an identical build is already there. Returns the folder."""
+    from clot.models.qwen_vl.processing_qwen_vl import save_processor_files
+    from clot.models.qwen_vl.tokenization_qwen_vl import bundled_vocab_file
+
+    target = Path(target)
+    recipe = hashlib.sha256(json.dumps([TINY_CONFIG, GENERATION_CONFIG, AUTO_MAP, seed, "v1"], sort_keys=True)
+                            .encode()).hexdigest()[:16]
+    stamp = target / STAMP
+    if not force and stamp.exists() and json.loads(stamp.read_text()).get("recipe") == recipe:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-qwen-vl-", dir=target.parent))
+    try:
+        build_tiny_checkpoint(staging, seed)
+        save_processor_files(staging, bundled_vocab_file())
+        (staging / STAMP).write_text(json.dumps({"name": "clot-tiny-qwen-vl", "recipe": recipe}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", nargs="?", default=str(DEFAULT_DIR), help="folder to write (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    args = parser.parse_args()
+    print(build(args.target, force=args.force))
+
+
+if __name__ == "__main__":
+    main()
