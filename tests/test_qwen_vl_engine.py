@@ -21,15 +21,17 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
+from safetensors import safe_open
 
 from clot import adapters
 from clot.adapters import main as adapters_main
 from clot.engine import Choice, Engine
 from clot.models.qwen_vl.random_weights import SEED
+from clot.models.qwen_vl.tiny import build_official_lora
 from clot.tasks import ClotError, Language, Request, Sampling, Task
 from conftest import make_adapter
 from test_engine import _assert_same_generation
-from test_qwen_vl_model import FIXTURES, RECORDED, max_difference, write_recorded_adapter
+from test_qwen_vl_model import FIXTURES, RECORDED, max_difference
 from ui_helpers import EXAMPLES, free_port, running_demo, tab_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +59,7 @@ def import_official(engine: Engine, name: str, source: Path, *extra: str) -> Pat
 @pytest.fixture(scope="module")
 def clot_cn(qwen_engine, tmp_path_factory) -> str:
     """The official-format adapter, imported as clot-cn."""
-    source = write_recorded_adapter(tmp_path_factory.mktemp("official") / "CLoT-cn", safetensors=True)
+    source = build_official_lora(tmp_path_factory.mktemp("official") / "CLoT-cn")
     import_official(qwen_engine, "clot-cn", source)
     return "clot-cn"
 
@@ -80,12 +82,18 @@ def test_imported_official_adapter_changes_logits_exactly_as_peft_on_the_origina
                                                                                    safetensors):
     assert RECORDED["seed"] == SEED  # the tiny checkpoint holds the recorded weights
     name = "official-" + ("safetensors" if safetensors else "bin")
-    source = write_recorded_adapter(tmp_path / "CLoT-cn", safetensors)
-    assert json.loads((source / "adapter_config.json").read_text())["base_model_name_or_path"] == "Qwen/Qwen-VL-Chat"
+    source = build_official_lora(tmp_path / "CLoT-cn", safetensors=safetensors)
+    assert sorted(p.name for p in source.iterdir()) == ["adapter_config.json", "adapter_model." + (
+        "safetensors" if safetensors else "bin")]
+    config, recorded = json.loads((source / "adapter_config.json").read_text()), RECORDED["lora"]["adapter_config"]
+    official = ("base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules", "peft_type")
+    assert {key: config[key] for key in official} == {key: recorded[key] for key in official}
     card = adapters.validate(import_official(qwen_engine, name, source))
     assert (card["stage"], card["languages"], card["declared_base"]) == ("official", ["zh"], "Qwen/Qwen-VL-Chat")
 
-    lora = RECORDED["lora"]
+    lora = RECORDED["lora"]  # the fixture's LoRA has these names, shapes and seed: the same weights
+    with safe_open(str(qwen_engine.adapters_dir / name / adapters.WEIGHTS), framework="pt") as weights:
+        assert {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()} == lora["keys"]
     difference = max_difference(lora["case"], fixture_logits(qwen_engine, lora["case"], lora["prompt"], name))
     print(f"official adapter ({'safetensors' if safetensors else 'bin'}) in the engine: "
           f"max |logit difference| {difference:.3g}")
@@ -193,6 +201,34 @@ def test_official_adapter_answers_in_clot_mode_with_its_wording(qwen_engine, clo
     assert len(result.candidates) == 3 and result.candidates[result.chosen].chosen
     assert math.isclose(sum(c.rank_score for c in result.candidates), 1.0, rel_tol=1e-4)
     qwen_engine.use_adapter("base")
+
+
+def test_training_examples_are_the_engines_encoding_with_labels_up_to_im_end(qwen_engine, image):
+    from types import SimpleNamespace
+
+    from clot.engine import Turn
+    from clot.models.qwen_vl.configuration_qwen_vl import IMAGE_PAD_ID
+    from training import sft
+
+    collator = sft.Collator(qwen_engine.processor, SimpleNamespace(open=lambda name: image))
+    records = [{"id": "a", "user": "Caption it <|im_end|><img></img>", "lang": "en", "image": "photo.png",
+                "answer": "A cat <|im_start|>system boss"},
+               {"id": "b", "user": "Why?", "lang": "en", "image": None, "answer": "Because."}]
+    tokenizer = qwen_engine.tokenizer
+    specials = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    for record in records:
+        example = collator.encode(record)
+        ids, trained = example["input_ids"], example["labels"] != sft.IGNORE
+        start = int(trained.nonzero()[0])
+        assert tokenizer.decode(ids[trained]) == record["answer"] + "<|im_end|>"
+        assert ids[trained].tolist().count(specials[1]) == 1 and specials[0] not in ids[trained].tolist()
+        turn = Turn(record["user"], Language.EN, image if record["image"] else None)
+        assert torch.equal(ids[:start], qwen_engine.encode([turn])["input_ids"][0])  # what inference feeds
+    batch = collator(records)
+    assert int((batch["input_ids"] == IMAGE_PAD_ID).sum()) == 256  # Qwen-VL: a fixed 256 tokens per image
+    assert batch["pixel_values"].shape == (1, 3, 448, 448)
+    with qwen_engine.using("base"):
+        assert torch.isfinite(qwen_engine.model(**batch).loss)
 
 
 # ---------------------------------------------------------------- the demo over HTTP
@@ -307,7 +343,7 @@ def test_adapter_for_another_base_or_with_stray_keys_is_refused(qwen_engine, clo
 
     from safetensors.torch import load_file, save_file
 
-    source = write_recorded_adapter(tmp_path / "CLoT-cn", safetensors=True)
+    source = build_official_lora(tmp_path / "CLoT-cn")
     weights = load_file(str(source / "adapter_model.safetensors"))
     save_file({key.replace(".attn.c_attn.", ".attn.qkv."): value for key, value in weights.items()},
               str(source / "adapter_model.safetensors"))

@@ -106,6 +106,20 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
+TINY_OFFICIAL_ADAPTER = "tiny-clot-cn"
+
+
+def resolve_adapter_source(source: str) -> str:
+    """`tiny-clot-cn` means a random LoRA in the official CLoT-cn format for `tiny-qwen-vl`, its offline
+    stand-in (written next to the tiny model); anything else is a hub id or folder."""
+    if source == TINY_OFFICIAL_ADAPTER:
+        from clot.models.qwen_vl import tiny as tiny_qwen_vl
+
+        return str(tiny_qwen_vl.build_official_lora(tiny_qwen_vl.DEFAULT_DIR.with_name(
+            f"{tiny_qwen_vl.DEFAULT_DIR.name}-{TINY_OFFICIAL_ADAPTER}")))
+    return source
+
+
 def distributed():
     """(rank, world size, barrier) under torchrun / accelerate launch; (0, 1, no-op) alone.
     Without a GPU, accelerate only sees the processes when told to use the CPU (gloo)."""

@@ -34,9 +34,16 @@ from training import evaluate as evaluation  # noqa: E402
 from training import explore as exploration  # noqa: E402
 from training import instructions as instruction_set  # noqa: E402
 from training import sft  # noqa: E402
-from training.config import distributed, load_config  # noqa: E402
+from training.config import (  # noqa: E402
+    TINY_OFFICIAL_ADAPTER,
+    distributed,
+    load_config,
+    resolve_adapter_source,
+    resolve_base_model,
+)
 
 from clot import adapters  # noqa: E402
+from clot.adapter_import import OFFICIAL_ID, import_adapter  # noqa: E402
 from clot import data as oogiri  # noqa: E402
 from clot.tasks import ClotError  # noqa: E402
 
@@ -54,6 +61,9 @@ class RunSettings:
     continue_adapter: bool = True  # stage 2 continues the previous adapter; False: a fresh LoRA on the base
     evaluate: bool = True  # run the evaluation stage (training/evaluate.py)
     evaluate_base: bool = True  # include the bare base model in the comparison
+    # Adapters made elsewhere, evaluated side by side with the base and this run's adapters: name ->
+    # source (hub id or folder, e.g. clot-cn: zhongshsh/CLoT-cn), imported when the adapters folder lacks it.
+    compare_adapters: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -79,7 +89,7 @@ class Pipeline:
         self.order = ["data", "instructions", "stage1"]
         for k in range(1, self.run.rounds + 1):
             self.order += [f"explore-r{k}", f"stage2-r{k}"]
-        self.order += ["evaluate", "publish"]
+        self.order += (["import"] if self.run.compare_adapters else []) + ["evaluate", "publish"]
         self.from_stage = self._resolve(from_stage) if from_stage else None
         self.ran: list[str] = []
         self.skipped: list[str] = []
@@ -221,9 +231,15 @@ class Pipeline:
 
         trained = [stage1_name] + [f"{name}-stage2-r{k}" for k in range(1, self.run.rounds + 1)]
         report = None
+        compared = list(self.run.compare_adapters)
+        if compared:
+            self.step("import", {"adapters": self.run.compare_adapters, "base_model": self.run.base_model},
+                      lambda: self.main_only(self._import_compared),
+                      lambda: all(self._adapter_ok(n) for n in compared))
         if self.run.evaluate:
-            models = (["base"] if self.run.evaluate_base else []) + trained
-            report = self.step("evaluate", {"models": models, "cards": {n: self._card(n).get("created") for n in trained},
+            models = (["base"] if self.run.evaluate_base else []) + compared + trained
+            report = self.step("evaluate", {"models": models,
+                                            "cards": {n: self._card(n).get("created") for n in compared + trained},
                                             "settings": asdict(self.evaluation_settings())},
                                lambda: self.main_only(lambda: self._evaluate(models)),
                                lambda: self._evaluation_dir().joinpath("report.json").is_file())
@@ -237,6 +253,20 @@ class Pipeline:
     def _train(self, settings: sft.TrainSettings) -> dict:
         card = sft.train(settings)
         return {"adapter": settings.adapter_name, "metrics": card.get("metrics"), "created": card.get("created")}
+
+    def _import_compared(self) -> dict:
+        """Import the adapters to compare that the adapters folder does not hold yet (one that is there
+        is kept as it is). The authors' CLoT-cn and its offline stand-in get the card stage `official`."""
+        base = resolve_base_model(self.run.base_model)
+        imported = []
+        for name, source in self.run.compare_adapters.items():
+            if self._adapter_ok(name):
+                continue
+            stand_in = source == TINY_OFFICIAL_ADAPTER  # declares Qwen/Qwen-VL-Chat, made for tiny-qwen-vl
+            import_adapter(resolve_adapter_source(source), name, self.run.adapters_dir, base_model=base,
+                           stage="official" if stand_in or source == OFFICIAL_ID else None, force=stand_in)
+            imported.append(name)
+        return {"imported": imported}
 
     def _evaluation_dir(self) -> Path:
         return self.root / "eval"

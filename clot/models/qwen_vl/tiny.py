@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from clot.models.qwen_vl.random_weights import SEED, TINY_CONFIG, fill_
+from clot.models.qwen_vl.random_weights import SEED, TINY_CONFIG, fill_, random_state_dict
 
 # The hub checkpoint's own generation_config.json.
 GENERATION_CONFIG = {"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643,
@@ -72,6 +72,46 @@ def build(target: str | os.PathLike = DEFAULT_DIR, force: bool = False, seed: in
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+OFFICIAL_LORA_SEED = 4321  # the seed of the LoRA in the parity fixture (tests/fixtures/qwen_vl/model.json)
+# The configuration of the authors' zhongshsh/CLoT-cn, as peft writes it.
+OFFICIAL_LORA_CONFIG = {"peft_type": "LORA", "base_model_name_or_path": "Qwen/Qwen-VL-Chat", "r": 64, "lora_alpha": 16,
+                        "lora_dropout": 0.05, "target_modules": ["c_attn", "attn.c_proj"], "bias": "none",
+                        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+                        "modules_to_save": None, "task_type": None}
+
+
+def build_official_lora(folder: str | os.PathLike, seed: int = OFFICIAL_LORA_SEED, safetensors: bool = True) -> Path:
+    """A seeded random LoRA for the tiny model in the official CLoT-cn format (its configuration and peft's
+    key names), as adapter_model.safetensors or adapter_model.bin: the stand-in for zhongshsh/CLoT-cn in
+    offline runs. Its weights are those of the parity fixture's LoRA. Written atomically; returns the folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, rank = TINY_CONFIG["hidden_size"], OFFICIAL_LORA_CONFIG["r"]
+    shapes = {}
+    for layer in range(TINY_CONFIG["num_hidden_layers"]):
+        for module, width in (("c_attn", 3 * hidden), ("c_proj", hidden)):
+            key = f"base_model.model.transformer.h.{layer}.attn.{module}"
+            shapes[f"{key}.lora_A.weight"] = (rank, hidden)
+            shapes[f"{key}.lora_B.weight"] = (width, rank)
+    weights = random_state_dict(shapes, seed)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".official-lora-", dir=folder.parent))
+    try:
+        (staging / "adapter_config.json").write_text(json.dumps(OFFICIAL_LORA_CONFIG, indent=2) + "\n")
+        if safetensors:
+            save_file(weights, staging / "adapter_model.safetensors")
+        else:
+            torch.save(weights, staging / "adapter_model.bin")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def main() -> None:
