@@ -265,6 +265,7 @@ def test_demo_lists_and_serves_the_official_adapter(app, clot_cn):
         client.predict(*tab_inputs(handle_file(ROOT / "pyproject.toml")), api_name="/image_to_text")
 
 
+@pytest.mark.slow
 def test_engine_cli_answers_with_the_official_adapter(qwen_engine, clot_cn):
     command = [sys.executable, "-m", "clot.engine", "--base-model", qwen_engine.base_model, "--adapters-dir",
                str(qwen_engine.adapters_dir), "--adapter", clot_cn, "--device", "cpu", "--task", "T2T", "--text",

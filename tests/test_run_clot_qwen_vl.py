@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # about 4 CPU-minutes alone; room for a CPU shared with other jobs
 def test_tiny_qwen_vl_preset_trains_evaluates_beside_the_official_adapter_and_publishes(tmp_path, artifacts):
     command = [sys.executable, "training/run_clot.py", "--config", "training/configs/tiny-qwen-vl.yaml",
                "--set", f"run_dir={tmp_path / 'run'}", "--set", f"clot.adapters_dir={tmp_path / 'adapters'}"]
