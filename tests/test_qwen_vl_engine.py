@@ -362,4 +362,5 @@ def test_image_that_cannot_be_read_is_refused(qwen_engine):
     Image.new("RGB", (64, 64), "blue").save(data, "PNG")
     truncated = Image.open(io.BytesIO(data.getvalue()[:-40]))
     with pytest.raises(ClotError, match=r"The image could not be read \(image file is truncated\); use another file"):
-        qwen_engine.generate(Request(task="I2T", image=truncated, num_candidates=1, sampling=Sampling(max_new_tokens=2)))
+        qwen_engine.generate(Request(task="I2T", image=truncated, num_candidates=1,
+                                     sampling=Sampling(max_new_tokens=2)))
