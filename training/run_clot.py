@@ -43,8 +43,8 @@ from training.config import (  # noqa: E402
 )
 
 from clot import adapters  # noqa: E402
-from clot.adapter_import import OFFICIAL_ID, import_adapter  # noqa: E402
 from clot import data as oogiri  # noqa: E402
+from clot.adapter_import import OFFICIAL_ID, import_adapter  # noqa: E402
 from clot.tasks import ClotError  # noqa: E402
 
 log = logging.getLogger(__name__)
