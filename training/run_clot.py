@@ -11,6 +11,8 @@ the stamps of the stages it builds on. A stage whose stamp matches and whose out
 skipped, so re-running after a crash continues where it stopped, and a second run with nothing
 changed does nothing. Adapters are published atomically into the adapters folder as
 <run_name>-stage1 and <run_name>-stage2-r<k>, where a running demo lists them after "Refresh".
+Adapters made elsewhere (`compare_adapters`, e.g. the authors' CLoT-cn) are imported before the
+evaluation (the "import" stage) and evaluated side by side with them.
 """
 
 from __future__ import annotations
