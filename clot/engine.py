@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import random
 import shutil
 import threading
@@ -88,7 +89,13 @@ class Sampler(LogitsProcessor):
 
 def prepare_image(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation and flatten to RGB (alpha over white), whatever the mode."""
-    image = ImageOps.exif_transpose(image)
+    try:
+        return _flatten(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data, decoded lazily
+        raise ClotError(f"The image could not be read ({error}); use another file.") from None
+
+
+def _flatten(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         canvas = Image.new("RGB", image.size, "white")
@@ -200,6 +207,9 @@ def cap_image_tokens(image_processor, max_image_tokens: int | None) -> None:
 def _load_pretrained(loader, name: str, **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError:  # torch's weights-only loading refused the file
+        raise ClotError(f"The weights of {name} are a pickle that only full unpickling can read, which could run "
+                        "any code; convert them to safetensors where you trust the file, then load that.") from None
     except (OSError, ValueError) as err:
         if Path(name).exists():
             raise ClotError(f"Could not load a model from {name}: {str(err).splitlines()[0]}") from None
@@ -616,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--condition", action="append", default=[], help="a condition word (repeatable)")
     parser.add_argument("--mode", choices=["sample", "clot"], default="sample")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length limit (default: the sampling defaults')")
     args = parser.parse_args(argv)
     try:
         base = args.base_model
@@ -628,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         request = Request(task=args.task, image=image, text=args.text, language=args.lang,
                           conditions=args.condition, num_candidates=args.num_candidates,
                           sampling=engine.default_sampling(args.seed))
+        if args.max_new_tokens is not None:
+            request.sampling = replace(request.sampling, max_new_tokens=args.max_new_tokens)
         if args.mode == "clot":
             result = engine.clot(request)
             for i, c in enumerate(result.candidates):

@@ -149,18 +149,6 @@ def share_prefixes(model, vlm, family, turns, inputs, store: PrefixStore, adapte
     prefixes = [computed.get(g) or plan[1] for g, plan in enumerate(plans)]
     lengths = [plan[0] for plan in plans]
     width = max(lengths)
-    combined = DynamicCache(config=vlm.config)
-    for layer in range(len(prefixes[0].layers)):
-        keys, values = [], []
-        for prefix, length in zip(prefixes, lengths):
-            k, v = prefix.layers[layer][0][:, :, :length], prefix.layers[layer][1][:, :, :length]
-            pad = (0, 0, width - length, 0)
-            keys.append(torch.nn.functional.pad(k, pad))
-            values.append(torch.nn.functional.pad(v, pad))
-        combined.update(torch.cat(keys), torch.cat(values), layer)
-    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=ids.device)
-    combined.batch_select_indices(owner)
-
     tail = max(len(rows[i]) - lengths[g] for g, group in enumerate(groups) for i in group)
     full = torch.full((len(turns), width + tail), pad_id, dtype=ids.dtype, device=ids.device)
     full_mask = torch.zeros_like(full)
@@ -175,5 +163,19 @@ def share_prefixes(model, vlm, family, turns, inputs, store: PrefixStore, adapte
             full[i, width + tail - len(suffix):] = suffix
             full_mask[i, width + tail - len(suffix):] = 1
     row_states = [prefixes[g].position_state for g, group in enumerate(groups) for _ in group]
-    return {"input_ids": full, "attention_mask": full_mask, "past_key_values": combined,
-            **family.continuation(vlm, row_states, full_mask, full_kinds)}
+    continuation = family.continuation(vlm, row_states, full_mask, full_kinds)
+    if continuation is None:
+        return None
+
+    combined = DynamicCache(config=vlm.config)
+    for layer in range(len(prefixes[0].layers)):
+        keys, values = [], []
+        for prefix, length in zip(prefixes, lengths):
+            k, v = prefix.layers[layer][0][:, :, :length], prefix.layers[layer][1][:, :, :length]
+            pad = (0, 0, width - length, 0)
+            keys.append(torch.nn.functional.pad(k, pad))
+            values.append(torch.nn.functional.pad(v, pad))
+        combined.update(torch.cat(keys), torch.cat(values), layer)
+    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=ids.device)
+    combined.batch_select_indices(owner)
+    return {"input_ids": full, "attention_mask": full_mask, "past_key_values": combined, **continuation}

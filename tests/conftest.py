@@ -29,6 +29,15 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_vl_dir(tmp_path_factory) -> Path:
+    """A complete tiny Qwen-VL-Chat checkpoint folder (the paper's base family), hub-style; named like the
+    hub repo, so adapters declaring Qwen/Qwen-VL-Chat as their base import onto it."""
+    from clot.models.qwen_vl import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("tiny-qwen-vl") / "Qwen-VL-Chat")
+
+
+@pytest.fixture(scope="session")
 def engine(tiny_dir, tmp_path_factory):
     from clot.engine import Engine
 
@@ -47,7 +56,7 @@ def make_adapter(engine, name: str, seed: int = 0, stage: int = 1, round: int = 
     from clot import adapters
 
     base = AutoModelForImageTextToText.from_pretrained(engine.base_model, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=engine.family.lora_targets)
     peft_model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

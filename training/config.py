@@ -93,12 +93,31 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
 
 
 def resolve_base_model(name: str) -> str:
-    """`tiny` means the offline tiny model of clot/tiny.py (built once); anything else is a hub id or path."""
+    """`tiny` means the offline tiny model of clot/tiny.py and `tiny-qwen-vl` the tiny Qwen-VL-Chat of
+    clot/models/qwen_vl/tiny.py (each built once); anything else is a hub id or path."""
     if name == "tiny":
         from clot import tiny
 
         return str(tiny.build())
+    if name == "tiny-qwen-vl":
+        from clot.models.qwen_vl import tiny as tiny_qwen_vl
+
+        return str(tiny_qwen_vl.build())
     return name
+
+
+TINY_OFFICIAL_ADAPTER = "tiny-clot-cn"
+
+
+def resolve_adapter_source(source: str) -> str:
+    """`tiny-clot-cn` means a random LoRA in the official CLoT-cn format for `tiny-qwen-vl`, its offline
+    stand-in (written next to the tiny model); anything else is a hub id or folder."""
+    if source == TINY_OFFICIAL_ADAPTER:
+        from clot.models.qwen_vl import tiny as tiny_qwen_vl
+
+        return str(tiny_qwen_vl.build_official_lora(tiny_qwen_vl.DEFAULT_DIR.with_name(
+            f"{tiny_qwen_vl.DEFAULT_DIR.name}-{TINY_OFFICIAL_ADAPTER}")))
+    return source
 
 
 def distributed():

@@ -15,6 +15,8 @@ changed does nothing. Adapters are published atomically into the adapters folder
 <run_name>-stage1 and <run_name>-stage2-r<k>, where a running demo lists them after "Refresh".
 With a `dpo:` section in the recipe, stage 3 (training/dpo.py) trains on human votes after stage 2
 and publishes <run_name>-stage3-r<k>; it reruns only when the frozen vote pairs change.
+Adapters made elsewhere (`compare_adapters`, e.g. the authors' CLoT-cn) are imported before the
+evaluation (the "import" stage) and evaluated side by side with them.
 """
 
 from __future__ import annotations
@@ -41,10 +43,17 @@ from training import evaluate as evaluation  # noqa: E402
 from training import explore as exploration  # noqa: E402
 from training import instructions as instruction_set  # noqa: E402
 from training import sft  # noqa: E402
-from training.config import distributed, load_config  # noqa: E402
+from training.config import (  # noqa: E402
+    TINY_OFFICIAL_ADAPTER,
+    distributed,
+    load_config,
+    resolve_adapter_source,
+    resolve_base_model,
+)
 
 from clot import adapters  # noqa: E402
 from clot import data as oogiri  # noqa: E402
+from clot.adapter_import import OFFICIAL_ID, import_adapter  # noqa: E402
 from clot.tasks import ClotError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,9 @@ class RunSettings:
     continue_adapter: bool = True  # stage 2 continues the previous adapter; False: a fresh LoRA on the base
     evaluate: bool = True  # run the evaluation stage (training/evaluate.py)
     evaluate_base: bool = True  # include the bare base model in the comparison
+    # Adapters made elsewhere, evaluated side by side with the base and this run's adapters: name ->
+    # source (hub id or folder, e.g. clot-cn: zhongshsh/CLoT-cn), imported when the adapters folder lacks it.
+    compare_adapters: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -87,7 +99,8 @@ class Pipeline:
         for k in range(1, self.run.rounds + 1):
             self.order += [f"explore-r{k}", f"stage2-r{k}"]
         self.with_dpo = _has_section(config, "dpo")
-        self.order += (["dpo"] if self.with_dpo else []) + ["evaluate", "publish"]
+        self.order += ((["dpo"] if self.with_dpo else []) + (["import"] if self.run.compare_adapters else [])
+                       + ["evaluate", "publish"])
         self.from_stage = self._resolve(from_stage) if from_stage else None
         self.ran: list[str] = []
         self.skipped: list[str] = []
@@ -246,9 +259,15 @@ class Pipeline:
                       lambda: self._dpo(s3, manifest), lambda: self._adapter_ok(s3.adapter_name), Path(s3.run_dir))
             trained.append(s3.adapter_name)
         report = None
+        compared = list(self.run.compare_adapters)
+        if compared:
+            self.step("import", {"adapters": self.run.compare_adapters, "base_model": self.run.base_model},
+                      lambda: self.main_only(self._import_compared),
+                      lambda: all(self._adapter_ok(n) for n in compared))
         if self.run.evaluate:
-            models = (["base"] if self.run.evaluate_base else []) + trained
-            report = self.step("evaluate", {"models": models, "cards": {n: self._card(n).get("created") for n in trained},
+            models = (["base"] if self.run.evaluate_base else []) + compared + trained
+            report = self.step("evaluate", {"models": models,
+                                            "cards": {n: self._card(n).get("created") for n in compared + trained},
                                             "settings": asdict(self.evaluation_settings())},
                                lambda: self.main_only(lambda: self._evaluate(models)),
                                lambda: self._evaluation_dir().joinpath("report.json").is_file())
@@ -267,6 +286,20 @@ class Pipeline:
         card = dpo.train(settings, manifest, reuse=False)  # the stage's stamp decides what to skip
         return {"adapter": settings.adapter_name, "metrics": card.get("metrics"), "created": card.get("created"),
                 "pairs_sha256": manifest["pairs_sha256"], "vote_cutoff": manifest["vote_cutoff"]}
+
+    def _import_compared(self) -> dict:
+        """Import the adapters to compare that the adapters folder does not hold yet (one that is there
+        is kept as it is). The authors' CLoT-cn and its offline stand-in get the card stage `official`."""
+        base = resolve_base_model(self.run.base_model)
+        imported = []
+        for name, source in self.run.compare_adapters.items():
+            if self._adapter_ok(name):
+                continue
+            stand_in = source == TINY_OFFICIAL_ADAPTER  # declares Qwen/Qwen-VL-Chat, made for tiny-qwen-vl
+            import_adapter(resolve_adapter_source(source), name, self.run.adapters_dir, base_model=base,
+                           stage="official" if stand_in or source == OFFICIAL_ID else None, force=stand_in)
+            imported.append(name)
+        return {"imported": imported}
 
     def _evaluation_dir(self) -> Path:
         return self.root / "eval"

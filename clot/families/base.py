@@ -61,7 +61,8 @@ class Family:
         """Run left-padded prefixes into `cache`; return each row's position state for continuing."""
         raise NotImplementedError
 
-    def continuation(self, vlm, states: list, mask, kinds) -> dict:
+    def continuation(self, vlm, states: list, mask, kinds) -> dict | None:
         """Extra generate inputs that continue every row after its cached prefix (`states` per row,
-        `mask` and `kinds` over the whole prefix + new part)."""
+        `mask` and `kinds` over the whole prefix + new part), or None where a row would not compute
+        exactly what it computes in plain batching (then plain batching is used)."""
         raise NotImplementedError
