@@ -126,7 +126,7 @@ def browser_language(accept_language: str | None) -> str | None:
     for position, part in enumerate((accept_language or "").split(",")):
         code, _, params = part.strip().partition(";")
         quality = 1.0
-        match = re.search(r"q=([0-9.]+)", params)
+        match = re.search(r"q=([^;]*)", params)
         if match:
             try:
                 quality = float(match.group(1))
