@@ -23,9 +23,12 @@ import html
 import json
 import logging
 import math
+import contextvars
+import queue
 import random
 import re
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -40,13 +43,17 @@ try:
     import spaces
 
     gpu = spaces.GPU(duration=120)
+    # There the GPU call runs in another process and gets its arguments pickled: no live streamer.
+    LIVE_DECODING = not spaces.config.Config.zero_gpu
 except ImportError:
     def gpu(fn):
         return fn
 
+    LIVE_DECODING = True
+
 from clot import adapters as registry  # noqa: E402
 from clot import meme, prompts  # noqa: E402
-from clot.engine import Engine, prepare_image  # noqa: E402
+from clot.engine import Engine, RowStreamer, prepare_image  # noqa: E402
 from clot.nouns import draw_conditions, load_nouns  # noqa: E402
 from clot.tasks import MAX_TEXT_CHARS, Candidate, ClotError, Language, Request, Sampling, Task  # noqa: E402
 from clot.tiny import TINY_NAME  # noqa: E402
@@ -273,6 +280,28 @@ def render_cards(result: dict | None) -> str:
     return f"<div id='clot-results'>{head}{''.join(cards)}</div>"
 
 
+def render_live(texts: list[str]) -> str:
+    """The candidates while they are being written (no ranks yet)."""
+    rows = "".join(f"<div class='clot-live-text' style='border:1px dashed rgba(128,128,128,.5);border-radius:10px;"
+                   f"padding:10px 12px;margin:6px 0;white-space:pre-wrap'>{html.escape(text) or '…'}</div>"
+                   for text in texts)
+    return f"<div id='clot-live'><div style='font-size:.85em;opacity:.7'>writing…</div>{rows}</div>"
+
+
+def newest(updates: queue.Queue):
+    """The items put on `updates` until a None, skipping those already superseded when read."""
+    item = updates.get()
+    while item is not None:
+        while not updates.empty():
+            following = updates.get_nowait()
+            if following is None:
+                yield item
+                return
+            item = following
+        yield item
+        item = updates.get()
+
+
 class MemeStore:
     """A private temp folder for meme PNGs; files older than MEME_TTL_S are removed as new ones arrive."""
 
@@ -329,14 +358,23 @@ class Studio:
         )
         return request.validate(), mode, adapter
 
-    def play(self, task: Task, *args, progress=gr.Progress(), http: gr.Request | None = None) -> tuple:
-        """One tab's generation, with every user-caused error turned into a gr.Error."""
+    def play(self, task: Task, *args, progress=gr.Progress(), http: gr.Request | None = None,
+             streamer: RowStreamer | None = None) -> tuple:
+        """One tab's generation, with every user-caused error turned into a gr.Error. Progress names
+        each phase; `streamer` (when given) sees the candidates as they are written."""
         try:
             browser = http.headers.get("accept-language") if http is not None else None
             request, mode, adapter = self.build_request(task, *args, browser=browser)
-            steps = "writing, ranking and selecting" if mode == "CLoT" else "writing and ranking"
-            progress(0.05, desc=f"{request.num_candidates} candidates: {steps}…")
-            candidates = self.run(request, mode, adapter)
+            n = request.num_candidates
+            phases = {"ranking": (0.75, f"ranking the {n} candidates…"),
+                      "selecting": (0.9, "selecting between the best two…")}
+
+            def on_phase(name: str) -> None:
+                progress(phases[name][0], desc=phases[name][1])
+
+            progress(0.05, desc=f"writing {n} candidate{'s' if n > 1 else ''}…")
+            live = dict(streamer=streamer, on_phase=on_phase) if LIVE_DECODING else {}
+            candidates = self.run(request, mode, adapter, **live)
             result = result_dict(request, mode, adapter, candidates)
             if self.arena is not None:
                 self.arena.record_result(request, result)
@@ -353,22 +391,53 @@ class Studio:
             raise gr.Error(f"Generation failed ({type(err).__name__}); please try again or change the settings.",
                            print_exception=False) from None
 
-    def _run(self, request: Request, mode: str, adapter: str) -> list[Candidate]:
+    def _run(self, request: Request, mode: str, adapter: str, streamer: RowStreamer | None = None,
+             on_phase=None) -> list[Candidate]:
         """The GPU-bound part: generate, then let the model rank (and in CLoT mode, select) its own answers."""
         engine = self.engine
         with engine.lock:  # one adapter for the whole job, whatever other users pick meanwhile
             if mode == "CLoT":
                 nouns = load_nouns(request.language, self.nouns_path)
                 candidates = engine.clot(request, nouns=nouns, rng=random.Random(request.sampling.seed),
-                                         adapter=adapter).candidates
+                                         adapter=adapter, streamer=streamer, on_phase=on_phase).candidates
             else:
-                candidates = engine.generate(request, adapter=adapter)
+                candidates = engine.generate(request, adapter=adapter, streamer=streamer)
+                if on_phase:
+                    on_phase("ranking")
                 scores = engine.rank(request.task, request.language, [c.text for c in candidates],
                                      image=request.image, question=request.text, adapter=adapter)
                 for candidate, score in zip(candidates, scores):
                     candidate.rank_score = score
                 max(candidates, key=lambda c: c.rank_score).chosen = True
         return candidates
+
+    def play_live(self, task: Task, *args, progress=gr.Progress(), http: gr.Request | None = None):
+        """play() for the browser: yields the candidates' text while they are written, then the final
+        (result, cards, meme, download) or (result, cards). The HTTP API keeps the plain play()."""
+        streamer = RowStreamer(self.engine.tokenizer)
+        outcome = {}
+
+        def work():
+            try:
+                outcome["value"] = self.play(task, *args, progress=progress, http=http, streamer=streamer)
+            except Exception as err:  # play already made it a gr.Error
+                outcome["error"] = err
+            finally:
+                streamer.updates.put(None)
+
+        # gr.Progress finds its event through context variables: the worker thread gets a copy.
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True).start()
+        extra = 2 if task.needs_image else 0
+        for texts in newest(streamer.updates):
+            yield (gr.skip(), render_live(texts)) + (gr.skip(),) * extra
+        if "error" in outcome:
+            raise outcome["error"]
+        if not task.needs_image:
+            result = outcome["value"]
+            yield result, render_cards(result)
+            return
+        result, path, _ = outcome["value"]
+        yield result, render_cards(result), path, gr.DownloadButton(value=path, visible=True)
 
     # ---------------------------------------------------------------- the three tabs (the public API)
     def image_to_text(self, image, language, conditions, num_candidates, mode, adapter,
@@ -661,15 +730,17 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
     inputs = head + [language, conditions, number, mode, adapter, temperature, top_p, top_k, max_new,
                      repetition, seed]
     outputs = [result] + outputs_extra
-    shown = [cards] + outputs_extra[1:]
     buttons = [go, again]
     api_description = f"{handler.__doc__} {API_NOTE}" + (API_IMAGE_NOTE if image is not None else "")
 
-    def fresh(*args, progress=gr.Progress(), http: gr.Request = None):  # Regenerate: same inputs, a new seed
-        return handler(*args[:-1], None, progress=progress, http=http)
+    def play_args(args: tuple) -> tuple:  # play() takes (image, text, *common) whatever the tab
+        return (args[0], "") + args[1:] if task is Task.I2T else (None,) + args if task is Task.T2T else args
 
-    def show(result_value):  # human view of a result: the cards, and the download button once a meme exists
-        return (render_cards(result_value),) + ((gr.DownloadButton(visible=True),) if outputs_extra else ())
+    def live(*args, progress=gr.Progress(), http: gr.Request = None):  # Generate in the browser
+        yield from studio.play_live(task, *play_args(args), progress=progress, http=http)
+
+    def fresh(*args, progress=gr.Progress(), http: gr.Request = None):  # Regenerate: same inputs, a new seed
+        yield from studio.play_live(task, *play_args(args[:-1] + (None,)), progress=progress, http=http)
 
     def start():  # a run begins: no old result next to a new error, and no second click meanwhile
         empty = [None, ""] + ([None, gr.DownloadButton(visible=False)] if outputs_extra else [])
@@ -678,12 +749,16 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
     def finish():  # after success or error alike
         return [gr.Button(interactive=True)] * len(buttons)
 
-    for button, fn, api in ((go, handler, dict(api_name=api_name, api_description=api_description)),
-                            (again, fresh, dict(api_visibility="private"))):
-        run = button.click(start, None, buttons + [result, cards] + outputs_extra, queue=False,
-                           api_visibility="private").then(fn, inputs, outputs, **api, **gpu_work)
-        run.success(show, result, shown, api_visibility="private")
-        run.then(finish, None, buttons, queue=False, api_visibility="private")
+    # The HTTP endpoint returns the final result in one piece; the buttons stream into the cards.
+    api_trigger = gr.Button(visible=False, elem_id=f"{key}-api")
+    api_trigger.click(handler, inputs, outputs, api_name=api_name, api_description=api_description, **gpu_work)
+    shown = [result, cards] + outputs_extra
+    for button, fn in ((go, live), (again, fresh)):
+        run = button.click(start, None, buttons + shown, queue=False, api_visibility="private").then(
+            fn, inputs, shown, api_visibility="private", **gpu_work)
+        # .then alone is skipped after an error in gradio 6.31's frontend: unlock on each outcome.
+        run.success(finish, None, buttons, queue=False, api_visibility="private")
+        run.failure(finish, None, buttons, queue=False, api_visibility="private")
 
     if counter is not None:  # counted in the browser: no server round trip per keystroke
         text.change(None, text, counter, js=f"(t) => `${{(t || '').length}} / {MAX_TEXT_CHARS} characters`")
