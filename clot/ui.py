@@ -633,8 +633,9 @@ def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: s
                                 elem_classes="clot-refresh")
         adapter_card = gr.Markdown(studio.switch_adapter(initial))
         with gr.Accordion("Adapter cards", open=False) as cards_accordion:
+            # Fixed widths, scrolled sideways when narrow: no header squeezed to a letter per line.
             adapter_table = gr.Dataframe(value=studio.adapter_rows(), headers=CARD_HEADERS, interactive=False,
-                                         wrap=False, column_widths=["16%", "7%", "7%", "22%", "14%", "34%"],
+                                         wrap=True, column_widths=["170px", "64px", "64px", "220px", "150px", "320px"],
                                          elem_id="adapter-cards")
             gr.Markdown(EVALUATION_NOTE)
 
