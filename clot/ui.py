@@ -572,8 +572,8 @@ CSS = """
   .tab-wrapper .overflow-menu { flex-basis: 100%; }
   .tab-wrapper .overflow-menu > button { display: none; }
   .tab-wrapper .overflow-dropdown, .tab-wrapper .overflow-dropdown.hide {
-    display: flex !important; flex-direction: row; flex-wrap: wrap; position: static !important; box-shadow: none; border: none;
-    background: none; padding: 0; min-width: 0; }
+    display: flex !important; flex-direction: row; flex-wrap: wrap; position: static !important;
+    box-shadow: none; border: none; background: none; padding: 0; min-width: 0; }
 }
 """
 # gradio 6.31 marks its API panel open for a link to /?view=api but loads it only from the "Use via API"
