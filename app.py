@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto, cpu, cuda, cuda:N or mps; without a GPU it runs on the CPU, slowly "
                              "(env CLOT_DEVICE; default %(default)s)")
     parser.add_argument("--nouns", default=env("CLOT_NOUNS"),
-                        help="noun-set JSON from training for the 🎲 button and CLoT mode; default: the bundled "
+                        help="noun-set JSON from training for the Draw words button and CLoT mode; default: the bundled "
                              "lists in assets/nouns (env CLOT_NOUNS)")
     parser.add_argument("--host", default=env("CLOT_HOST", env("GRADIO_SERVER_NAME", "127.0.0.1")),
                         help="address to listen on; 0.0.0.0 for every interface "
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     # Heavy imports after parsing; clot.ui imports `spaces` (when installed) before the engine touches CUDA.
     import gradio as gr
 
-    from clot.ui import MAX_FILE_SIZE, build_demo
+    from clot.ui import CSS, MAX_FILE_SIZE, build_demo
     from clot.engine import Engine
     from clot.tasks import ClotError
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_demo(engine, nouns_path=args.nouns)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
-                max_file_size=MAX_FILE_SIZE)
+                css=CSS, max_file_size=MAX_FILE_SIZE)
 
 
 if __name__ == "__main__":

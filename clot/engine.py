@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import pickle
+import queue
 import random
 import shutil
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 from clot import adapters as registry
 from clot import losses
@@ -109,6 +111,29 @@ def _flatten(image: Image.Image) -> Image.Image:
 def clean_answer(text: str) -> str:
     """Generated text without control characters or undecodable bytes (U+FFFD)."""
     return clean_text(text.replace("\ufffd", ""))
+
+
+class RowStreamer(BaseStreamer):
+    """Every row's text so far during one batched generate call, for a live view.
+
+    transformers' own streamers take a single row. This one keeps each row's new tokens and puts the
+    decoded texts of all rows on `updates` after every step; the consumer reads them from another thread."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.rows: list[list[int]] | None = None  # None until generate has handed over the prompt
+        self.updates: queue.Queue[list[str]] = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.rows is None:  # generate's first call passes the prompt rows
+            self.rows = [[] for _ in range(value.shape[0])]
+            return
+        for row, tokens in zip(self.rows, value.reshape(len(self.rows), -1).tolist()):
+            row.extend(tokens)
+        self.updates.put([clean_answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in self.rows])
+
+    def end(self) -> None:
+        self.rows = None  # ready for the next generate call
 
 
 @dataclass
@@ -424,12 +449,14 @@ class Engine:
                      template_set=template_set)
                 for condition in request.conditions]
 
-    def generate(self, request: Request, adapter: str | None = None) -> list[Candidate]:
-        """All candidates of one request from one batched generate call."""
+    def generate(self, request: Request, adapter: str | None = None,
+                 streamer: RowStreamer | None = None) -> list[Candidate]:
+        """All candidates of one request from one batched generate call (each step shown to `streamer`)."""
         request.validate()
-        return self.generate_many([request], adapter=adapter)[0]
+        return self.generate_many([request], adapter=adapter, streamer=streamer)[0]
 
-    def generate_many(self, requests: list[Request], adapter: str | None = None) -> list[list[Candidate]]:
+    def generate_many(self, requests: list[Request], adapter: str | None = None,
+                      streamer: RowStreamer | None = None) -> list[list[Candidate]]:
         """Candidates for several requests in one generate call (they must share sampling settings)."""
         for request in requests:
             request.validate()
@@ -440,7 +467,7 @@ class Engine:
             if adapter is not None:
                 self.use_adapter(adapter)
             turns = [turn for r in requests for turn in self.turns_for(r)]
-            texts = self.sample(turns, sampling)
+            texts = self.sample(turns, sampling, streamer=streamer)
         out, at = [], 0
         for r in requests:
             out.append([Candidate(text=texts[at + i], condition=c) for i, c in enumerate(r.conditions)])
@@ -448,7 +475,7 @@ class Engine:
         return out
 
     def sample(self, turns: list[Turn], sampling: Sampling, adapter: str | None = None,
-               greedy: bool = False) -> list[str]:
+               greedy: bool = False, streamer: RowStreamer | None = None) -> list[str]:
         """One generate call over all turns; returns each row's new text."""
         sampling.validate()
         with self.using(adapter):
@@ -464,7 +491,7 @@ class Engine:
                 options["logits_processor"] = LogitsProcessorList([Sampler(sampling, self.device)])
             if self.compile:
                 options.update(cache_implementation="static", compile_config=self._compile_config)
-            output = self.model.generate(**inputs, **options)
+            output = self.model.generate(**inputs, **options, streamer=streamer)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [clean_answer(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -571,8 +598,12 @@ class Engine:
 
     # ---------------------------------------------------------------- CLoT
     def clot(self, request: Request, nouns: list[str] | None = None, rho: float = 0.5,
-             rng: random.Random | None = None, adapter: str | None = None) -> ClotResult:
+             rng: random.Random | None = None, adapter: str | None = None,
+             streamer: RowStreamer | None = None, on_phase=None) -> ClotResult:
         """METHOD.md §5: n weak conditions → n answers → rank → keep the top 2 → select one.
+
+        `streamer` sees the answers as they are written; `on_phase("ranking")` and `on_phase("selecting")`
+        are called as those phases start (the demo's progress).
 
         Condition words typed by the user are kept (candidates beyond them get no condition); when
         none are given, each candidate gets a uniform noun of the noun set, or none with probability rho."""
@@ -587,14 +618,18 @@ class Engine:
         with self.lock:
             if adapter is not None:
                 self.use_adapter(adapter)
-            candidates = self.generate(request)
+            candidates = self.generate(request, streamer=streamer)
             common = dict(task=request.task, lang=request.language, image=request.image, question=request.text)
             if n == 1:
                 candidates[0].rank_score = candidates[0].select_score = 1.0
                 candidates[0].chosen = True
                 return ClotResult(candidates, 0, [0])
+            if on_phase:
+                on_phase("ranking")
             rank_scores = self.score([Choice("rank", options=[c.text for c in candidates], **common)])[0]
             finalists = sorted(range(n), key=lambda i: -rank_scores[i])[:2]
+            if on_phase:
+                on_phase("selecting")
             select_scores = self.score([Choice("select", options=[candidates[i].text for i in finalists],
                                                **common)])[0]
         for candidate, score in zip(candidates, rank_scores):

@@ -9,6 +9,7 @@ num_candidates, mode, adapter, temperature, top_p, top_k, max_new_tokens, repeti
     /image_to_text       (image, *common)        -> (result, meme PNG, meme PNG for download)
     /image_text_to_text  (image, text, *common)  -> (result, meme PNG, meme PNG for download)
     /text_to_text        (text, *common)         -> result
+seed: None or "" for a random one (reported in the result), or a whole number 0…2**32-1 (also as text).
     /draw_conditions     (language, num_candidates, text) -> "word, word, …"
     /refresh_adapters    (current adapter) -> (adapter picker, adapter cards table)
     /switch_adapter      (adapter) -> its card (Markdown)
@@ -19,11 +20,15 @@ Every input is validated here too, because the HTTP API bypasses the sliders.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
+import contextvars
+import queue
 import random
 import re
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,15 +43,20 @@ try:
     import spaces
 
     gpu = spaces.GPU(duration=120)
+    # There the GPU call runs in another process and gets its arguments pickled: no live streamer.
+    LIVE_DECODING = not spaces.config.Config.zero_gpu
 except ImportError:
     def gpu(fn):
         return fn
 
+    LIVE_DECODING = True
+
 from clot import adapters as registry  # noqa: E402
 from clot import meme, prompts  # noqa: E402
-from clot.engine import Engine, prepare_image  # noqa: E402
+from clot.engine import Engine, RowStreamer, prepare_image  # noqa: E402
 from clot.nouns import draw_conditions, load_nouns  # noqa: E402
-from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task  # noqa: E402
+from clot.tasks import MAX_TEXT_CHARS, Candidate, ClotError, Language, Request, Sampling, Task  # noqa: E402
+from clot.tiny import TINY_NAME  # noqa: E402
 from clot.votes import VoteStore, default_db_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -94,6 +104,45 @@ def _text(name: str, value) -> str:
     if not isinstance(value, str):
         raise ClotError(f"{name} must be text, got {type(value).__name__}.")
     return value
+
+
+MAX_SEED = 2**32 - 1
+
+
+def parse_seed(value) -> int | None:
+    """A seed from the form or the API: empty (None, "" or spaces) means random, else a whole number.
+
+    The seed box is text, not a number box: a browser turns an empty number box into 0 once the
+    accordion around it renders, which silently fixed every seed."""
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        if not re.fullmatch(r"[+-]?\d+", value):
+            raise ClotError(f"Seed: {value[:20]!r} is not a whole number; leave it empty for a random seed.")
+        value = int(value)
+    seed = _number("seed", value, whole=True, optional=True)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ClotError(f"Seed: {seed} is out of range; use a whole number from 0 to {MAX_SEED}, or leave it empty.")
+    return seed
+
+
+def browser_language(accept_language: str | None) -> str | None:
+    """The first of our languages in an Accept-Language header, by its q-weights ("ja,en;q=0.8" → "ja")."""
+    weighted = []
+    for position, part in enumerate((accept_language or "").split(",")):
+        code, _, params = part.strip().partition(";")
+        quality = 1.0
+        match = re.search(r"q=([^;]*)", params)
+        if match:
+            try:
+                quality = float(match.group(1))
+            except ValueError:
+                continue
+        primary = code.strip().lower().split("-")[0]
+        if primary in LANGUAGES[1:] and quality > 0:
+            weighted.append((-quality, position, primary))
+    return min(weighted)[2] if weighted else None
 
 
 def split_words(text: str) -> list[str]:
@@ -231,6 +280,28 @@ def render_cards(result: dict | None) -> str:
     return f"<div id='clot-results'>{head}{''.join(cards)}</div>"
 
 
+def render_live(texts: list[str]) -> str:
+    """The candidates while they are being written (no ranks yet)."""
+    rows = "".join(f"<div class='clot-live-text' style='border:1px dashed rgba(128,128,128,.5);border-radius:10px;"
+                   f"padding:10px 12px;margin:6px 0;white-space:pre-wrap'>{html.escape(text) or '…'}</div>"
+                   for text in texts)
+    return f"<div id='clot-live'><div style='font-size:.85em;opacity:.7'>writing…</div>{rows}</div>"
+
+
+def newest(updates: queue.Queue):
+    """The items put on `updates` until a None, skipping those already superseded when read."""
+    item = updates.get()
+    while item is not None:
+        while not updates.empty():
+            following = updates.get_nowait()
+            if following is None:
+                yield item
+                return
+            item = following
+        yield item
+        item = updates.get()
+
+
 class MemeStore:
     """A private temp folder for meme PNGs; files older than MEME_TTL_S are removed as new ones arrive."""
 
@@ -260,11 +331,16 @@ class Studio:
 
     # ---------------------------------------------------------------- requests
     def build_request(self, task: Task, image, text, language, conditions, num_candidates, mode, adapter,
-                      temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed) -> tuple:
+                      temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
+                      browser: str | None = None) -> tuple:
+        """The validated Request, mode and adapter. `browser` is the caller's Accept-Language header:
+        with language "auto" and no text to detect it from, its first language of ours wins over English."""
         language = _choice("language", language, LANGUAGES)
+        if language == "auto" and not _text("text", text).strip():
+            language = browser_language(browser) or "auto"
         mode = _choice("mode", mode, MODES)
         adapter = _text("adapter", adapter) or registry.BASE
-        seed = _number("seed", seed, whole=True, optional=True)
+        seed = parse_seed(seed)
         sampling = Sampling(
             temperature=_number("temperature", temperature), top_p=_number("top_p", top_p),
             top_k=_number("top_k", top_k, whole=True),
@@ -282,13 +358,23 @@ class Studio:
         )
         return request.validate(), mode, adapter
 
-    def play(self, task: Task, *args, progress=gr.Progress()) -> tuple:
-        """One tab's generation, with every user-caused error turned into a gr.Error."""
+    def play(self, task: Task, *args, progress=gr.Progress(), http: gr.Request | None = None,
+             streamer: RowStreamer | None = None) -> tuple:
+        """One tab's generation, with every user-caused error turned into a gr.Error. Progress names
+        each phase; `streamer` (when given) sees the candidates as they are written."""
         try:
-            request, mode, adapter = self.build_request(task, *args)
-            steps = "writing, ranking and selecting" if mode == "CLoT" else "writing and ranking"
-            progress(0.05, desc=f"{request.num_candidates} candidates: {steps}…")
-            candidates = self.run(request, mode, adapter)
+            browser = http.headers.get("accept-language") if http is not None else None
+            request, mode, adapter = self.build_request(task, *args, browser=browser)
+            n = request.num_candidates
+            phases = {"ranking": (0.75, f"ranking the {n} candidates…"),
+                      "selecting": (0.9, "selecting between the best two…")}
+
+            def on_phase(name: str) -> None:
+                progress(phases[name][0], desc=phases[name][1])
+
+            progress(0.05, desc=f"writing {n} candidate{'s' if n > 1 else ''}…")
+            live = dict(streamer=streamer, on_phase=on_phase) if LIVE_DECODING else {}
+            candidates = self.run(request, mode, adapter, **live)
             result = result_dict(request, mode, adapter, candidates)
             if self.arena is not None:
                 self.arena.record_result(request, result)
@@ -305,16 +391,19 @@ class Studio:
             raise gr.Error(f"Generation failed ({type(err).__name__}); please try again or change the settings.",
                            print_exception=False) from None
 
-    def _run(self, request: Request, mode: str, adapter: str) -> list[Candidate]:
+    def _run(self, request: Request, mode: str, adapter: str, streamer: RowStreamer | None = None,
+             on_phase=None) -> list[Candidate]:
         """The GPU-bound part: generate, then let the model rank (and in CLoT mode, select) its own answers."""
         engine = self.engine
         with engine.lock:  # one adapter for the whole job, whatever other users pick meanwhile
             if mode == "CLoT":
                 nouns = load_nouns(request.language, self.nouns_path)
                 candidates = engine.clot(request, nouns=nouns, rng=random.Random(request.sampling.seed),
-                                         adapter=adapter).candidates
+                                         adapter=adapter, streamer=streamer, on_phase=on_phase).candidates
             else:
-                candidates = engine.generate(request, adapter=adapter)
+                candidates = engine.generate(request, adapter=adapter, streamer=streamer)
+                if on_phase:
+                    on_phase("ranking")
                 scores = engine.rank(request.task, request.language, [c.text for c in candidates],
                                      image=request.image, question=request.text, adapter=adapter)
                 for candidate, score in zip(candidates, scores):
@@ -322,27 +411,58 @@ class Studio:
                 max(candidates, key=lambda c: c.rank_score).chosen = True
         return candidates
 
+    def play_live(self, task: Task, *args, progress=gr.Progress(), http: gr.Request | None = None):
+        """play() for the browser: yields the candidates' text while they are written, then the final
+        (result, cards, meme, download) or (result, cards). The HTTP API keeps the plain play()."""
+        streamer = RowStreamer(self.engine.tokenizer)
+        outcome = {}
+
+        def work():
+            try:
+                outcome["value"] = self.play(task, *args, progress=progress, http=http, streamer=streamer)
+            except Exception as err:  # play already made it a gr.Error
+                outcome["error"] = err
+            finally:
+                streamer.updates.put(None)
+
+        # gr.Progress finds its event through context variables: the worker thread gets a copy.
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True).start()
+        extra = 2 if task.needs_image else 0
+        for texts in newest(streamer.updates):
+            yield (gr.skip(), render_live(texts)) + (gr.skip(),) * extra
+        if "error" in outcome:
+            raise outcome["error"]
+        if not task.needs_image:
+            result = outcome["value"]
+            yield result, render_cards(result)
+            return
+        result, path, _ = outcome["value"]
+        yield result, render_cards(result), path, gr.DownloadButton(value=path, visible=True)
+
     # ---------------------------------------------------------------- the three tabs (the public API)
     def image_to_text(self, image, language, conditions, num_candidates, mode, adapter,
                       temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                      progress=gr.Progress()):
+                      progress=gr.Progress(), http: gr.Request = None):
         """Caption a photo (I2T). Returns (result JSON, meme PNG, meme PNG for download)."""
         return self.play(Task.I2T, image, "", language, conditions, num_candidates, mode, adapter,
-                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress,
+                         http=http)
 
     def image_text_to_text(self, image, text, language, conditions, num_candidates, mode, adapter,
                            temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                           progress=gr.Progress()):
+                           progress=gr.Progress(), http: gr.Request = None):
         """Fill the blank in an image, or answer a question about it (IT2T). Returns (result JSON, meme, download)."""
         return self.play(Task.IT2T, image, text, language, conditions, num_candidates, mode, adapter,
-                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress,
+                         http=http)
 
     def text_to_text(self, text, language, conditions, num_candidates, mode, adapter,
                      temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed,
-                     progress=gr.Progress()):
+                     progress=gr.Progress(), http: gr.Request = None):
         """Answer a question (T2T). Returns the result JSON."""
         return self.play(Task.T2T, None, text, language, conditions, num_candidates, mode, adapter,
-                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress)
+                         temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, progress=progress,
+                         http=http)
 
     # ---------------------------------------------------------------- helpers
     def draw_conditions(self, language, num_candidates, text=""):
@@ -433,17 +553,66 @@ T2T_EXAMPLES = [
     ["宇宙人が地球に来て最初にがっかりしたことは？", "ja", "おにぎり"],
 ]
 
-INTRO = """# 🎭 CLoT humor studio
+INTRO = """# CLoT humor studio
 Play **Oogiri** (大喜利) with a vision-language model: give it a photo, a picture with a blank, or a question,
 and it answers with something funny. **CLoT mode** (Creative Leap-of-Thought) writes one answer per weak
 condition word, ranks them itself, keeps the top two and picks the better one; **sample** mode just samples
 and shows the model's own ranking."""
 
+TINY_BANNER = ("**This demo serves the tiny random-weights test model** (`{name}`): its answers are gibberish. "
+               "Start the app without `--tiny` (or `CLOT_TINY`) for a real model.")
+EVALUATION_NOTE = ("*evaluation*: the numbers from the adapter's card: the paper's choice-question accuracies "
+                   "(0–1, higher is better) once `training/evaluate.py` has scored it, else its training numbers "
+                   "(losses: lower is better; steps and example counts).")
+# Let the tab bar wrap instead of hiding tabs behind "…" on a narrow phone screen (gradio measures the
+# tabs and moves those that do not fit into an overflow menu; wrapped, they all fit).
+CSS = """
+@media (max-width: 640px) {
+  .tab-wrapper { flex-wrap: wrap; height: auto !important; }
+  .tab-wrapper .overflow-menu { flex-basis: 100%; }
+  .tab-wrapper .overflow-menu > button { display: none; }
+  .tab-wrapper .overflow-dropdown, .tab-wrapper .overflow-dropdown.hide {
+    display: flex !important; flex-direction: row; flex-wrap: wrap; position: static !important;
+    box-shadow: none; border: none; background: none; padding: 0; min-width: 0; }
+}
+"""
+# gradio 6.31 marks its API panel open for a link to /?view=api but loads it only from the "Use via API"
+# button, which toggles: the visitor saw the app alone. Toggling twice ends open, fixed gradio or not.
+OPEN_API_PANEL = """() => {
+  if (new URLSearchParams(window.location.search).get("view") !== "api") return;
+  const button = document.querySelector("footer button.show-api");
+  if (button) { button.click(); button.click(); }
+}"""
+SEED_HELP = "a whole number from 0 to 4294967295 replays a result; empty = a new random seed each time"
+# What the API page's generated snippets send: values that work as copied (gradio's own defaults would
+# name an image by URL, which upload_only refuses, and fix the seed at 0).
+API_EXAMPLES = {"image": {"path": "cat.jpg", "url": "cat.jpg", "meta": {"_type": "gradio.FileData"}},
+                "text": "What is the worst thing to say at a job interview?", "conditions": "", "seed": ""}
+API_NOTE = ("Seed: empty or None for a random one (the result reports it), or a whole number to replay. "
+            "Conditions: comma-separated words, one per candidate, or empty.")
+API_IMAGE_NOTE = " Image: a local file through handle_file(path); URLs and server paths are refused."
+
+
+def tiny_model_name(base_model: str) -> str | None:
+    """The tiny test model's name when `base_model` is a folder built by clot/tiny.py, else None."""
+    stamp = Path(base_model) / "clot_tiny.json"
+    try:
+        name = json.loads(stamp.read_text()).get("name", "")
+    except (OSError, ValueError):
+        return None
+    return name if str(name).startswith(TINY_NAME) else None
+
+
+def api_example(component: gr.components.Component, value) -> gr.components.Component:
+    """Show `value` as the component's example on the API page (patched on the instance, as in `guarded`)."""
+    component.example_payload = lambda: value
+    return component
+
 
 def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: str = "CLoT humor studio",
                votes: VoteStore | None = None) -> gr.Blocks:
-    """The whole app as gr.Blocks; the caller queues and launches it (see app.py). Votes go to `votes`
-    (default: the store at CLOT_VOTES_DB)."""
+    """The whole app as gr.Blocks; the caller queues and launches it (see app.py) with css=CSS. Votes go
+    to `votes` (default: the store at CLOT_VOTES_DB)."""
     from clot.arena_ui import Arena  # the arena builds on this module
 
     studio = Studio(engine, nouns_path)
@@ -453,15 +622,22 @@ def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: s
 
     with gr.Blocks(title=title, delete_cache=(MEME_TTL_S, MEME_TTL_S)) as demo:
         gr.Markdown(INTRO)
+        tiny = tiny_model_name(engine.base_model)
+        if tiny:
+            gr.Markdown(TINY_BANNER.format(name=tiny), elem_id="tiny-banner")
         with gr.Row(equal_height=True):
             adapter = gr.Dropdown(choices=studio.adapter_choices(), value=initial, label="Adapter",
                                   info="The bare base model, or a LoRA adapter from the adapters folder.",
                                   allow_custom_value=True, scale=5, elem_id="adapter")
-            refresh = gr.Button("🔄 Refresh adapters", scale=1, elem_id="refresh-adapters")
+            refresh = gr.Button("Refresh adapters", scale=1, elem_id="refresh-adapters",
+                                elem_classes="clot-refresh")
         adapter_card = gr.Markdown(studio.switch_adapter(initial))
-        with gr.Accordion("Adapter cards", open=False):
+        with gr.Accordion("Adapter cards", open=False) as cards_accordion:
+            # Fixed widths, scrolled sideways when narrow: no header squeezed to a letter per line.
             adapter_table = gr.Dataframe(value=studio.adapter_rows(), headers=CARD_HEADERS, interactive=False,
-                                         wrap=True)
+                                         wrap=True, column_widths=["170px", "64px", "64px", "220px", "150px", "320px"],
+                                         elem_id="adapter-cards")
+            gr.Markdown(EVALUATION_NOTE)
 
         tabs = [
             ("Image → Text", "i2t", Task.I2T, studio.image_to_text, "image_to_text", I2T_EXAMPLES),
@@ -475,7 +651,12 @@ def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: s
                      defaults=engine.default_sampling())
         studio.arena.tabs()
 
+        # Adapters published while the app runs show up on a page load, a refresh, or opening the cards.
         refresh.click(studio.refresh_adapters, [adapter], [adapter, adapter_table], api_name="refresh_adapters")
+        demo.load(studio.refresh_adapters, [adapter], [adapter, adapter_table], api_visibility="private")
+        demo.load(None, js=OPEN_API_PANEL)
+        cards_accordion.expand(studio.refresh_adapters, [adapter], [adapter, adapter_table],
+                               api_visibility="private")
         adapter.change(studio.switch_adapter, [adapter], [adapter_card], api_name="switch_adapter", **gpu_work)
     return demo
 
@@ -486,28 +667,32 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
     examples, and their events."""
     with gr.Row():
         with gr.Column(scale=1):
-            image = text = None
+            image = text = counter = None
             if task.needs_image:
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=300,
                                  elem_id=f"{key}-image")
-            if task is Task.IT2T:
-                text = gr.Textbox(label="Text (optional)", lines=2, elem_id=f"{key}-text",
-                                  placeholder="The sentence with the blank, or a question about the image")
-            elif task is Task.T2T:
-                text = gr.Textbox(label="Question", lines=2, elem_id=f"{key}-text",
-                                  placeholder="e.g. What is the worst thing to say at a job interview?")
+                api_example(image, API_EXAMPLES["image"])
+            if task is not Task.I2T:
+                label, hint = (("Text (optional)", "The sentence with the blank, or a question about the image")
+                               if task is Task.IT2T else
+                               ("Question", "e.g. What is the worst thing to say at a job interview?"))
+                text = gr.Textbox(label=label, lines=2, elem_id=f"{key}-text", placeholder=hint,
+                                  max_length=MAX_TEXT_CHARS)
+                api_example(text, "" if task is Task.IT2T else API_EXAMPLES["text"])
+                counter = gr.Markdown(f"0 / {MAX_TEXT_CHARS} characters", elem_id=f"{key}-counter")
             with gr.Row():
                 language = gr.Radio(LANGUAGES, value="auto", label="Language",
-                                    info="auto: from the text (English when there is none)")
+                                    info="auto: from the text; without text, your browser's language")
                 mode = gr.Radio(MODES, value="CLoT", label="Mode",
                                 info="CLoT: rank the candidates, keep two, select one. sample: rank only.")
             with gr.Row(equal_height=True):
-                conditions = gr.Textbox(label="Condition words", scale=5, elem_id=f"{key}-conditions",
+                conditions = gr.Textbox(value="", label="Condition words", scale=5, elem_id=f"{key}-conditions",
                                         placeholder="one per candidate, comma-separated; empty = none "
                                                     "(CLoT mode then draws its own)")
-                dice = gr.Button("🎲", scale=0, min_width=56, elem_id=f"{key}-dice")
+                api_example(conditions, API_EXAMPLES["conditions"])
+                dice = gr.Button("Draw words", scale=1, min_width=100, elem_id=f"{key}-dice")
             number = gr.Slider(1, MAX_CANDIDATES, value=DEFAULT_CANDIDATES, step=1, label="Candidates")
-            with gr.Accordion("Sampling", open=False):
+            with gr.Accordion("Sampling", open=False, elem_id=f"{key}-sampling"):
                 limits = Sampling.LIMITS
                 temperature = gr.Slider(*limits["temperature"], value=defaults.temperature, step=0.01,
                                         label="Temperature")
@@ -517,10 +702,12 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
                                     label="Max new tokens")
                 repetition = gr.Slider(*limits["repetition_penalty"], value=defaults.repetition_penalty, step=0.01,
                                        label="Repetition penalty")
-                seed = gr.Number(value=None, label="Seed (empty = random)", minimum=0, maximum=2**32 - 1)
+                seed = gr.Textbox(value="", label="Seed (empty = random)", placeholder="random", info=SEED_HELP,
+                                  max_length=10, elem_id=f"{key}-seed")
+                api_example(seed, API_EXAMPLES["seed"])
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id=f"{key}-generate")
-                again = gr.Button("🔁 Regenerate", elem_id=f"{key}-regenerate")
+                again = gr.Button("Regenerate", elem_id=f"{key}-regenerate")
                 clear = gr.Button("Clear", elem_id=f"{key}-clear")
         with gr.Column(scale=1):
             cards = gr.HTML(elem_id=f"{key}-cards")
@@ -528,7 +715,7 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
             if task.needs_image:
                 meme_image = gr.Image(label="Meme", format="png", interactive=False, elem_id=f"{key}-meme",
                                       buttons=["download", "fullscreen"])
-                download = gr.DownloadButton("⬇️ Download meme (PNG)", visible=False, elem_id=f"{key}-download")
+                download = gr.DownloadButton("Download meme (PNG)", visible=False, elem_id=f"{key}-download")
                 outputs_extra = [meme_image, download]
             with gr.Accordion("Result (JSON)", open=False):
                 result = gr.JSON(label="Result")
@@ -540,23 +727,42 @@ def _tab(studio: Studio, key: str, task: Task, handler, api_name: str, examples:
         guarded(component, "not one of the choices.")
     for component in (number, temperature, top_p, top_k, max_new, repetition):
         guarded(component, NOT_A_NUMBER)
-    guarded(seed, "must be a number or empty.")
     head = [c for c in (image, text) if c is not None]
     inputs = head + [language, conditions, number, mode, adapter, temperature, top_p, top_k, max_new,
                      repetition, seed]
     outputs = [result] + outputs_extra
+    buttons = [go, again]
+    api_description = f"{handler.__doc__} {API_NOTE}" + (API_IMAGE_NOTE if image is not None else "")
 
-    def fresh(*args, progress=gr.Progress()):  # Regenerate: same inputs, new random seed
-        return handler(*args[:-1], None, progress=progress)
+    def play_args(args: tuple) -> tuple:  # play() takes (image, text, *common) whatever the tab
+        return (args[0], "") + args[1:] if task is Task.I2T else (None,) + args if task is Task.T2T else args
 
-    def show(result_value):  # human view of a result: the cards, and the download button once a meme exists
-        return (render_cards(result_value),) + ((gr.DownloadButton(visible=True),) if outputs_extra else ())
+    def live(*args, progress=gr.Progress(), http: gr.Request = None):  # Generate in the browser
+        yield from studio.play_live(task, *play_args(args), progress=progress, http=http)
 
-    shown = [cards] + outputs_extra[1:]
-    go.click(handler, inputs, outputs, api_name=api_name, **gpu_work).success(
-        show, result, shown, api_visibility="private")
-    again.click(fresh, inputs, outputs, api_visibility="private", **gpu_work).success(
-        show, result, shown, api_visibility="private")
+    def fresh(*args, progress=gr.Progress(), http: gr.Request = None):  # Regenerate: same inputs, a new seed
+        yield from studio.play_live(task, *play_args(args[:-1] + (None,)), progress=progress, http=http)
+
+    def start():  # a run begins: no old result next to a new error, and no second click meanwhile
+        empty = [None, ""] + ([None, gr.DownloadButton(visible=False)] if outputs_extra else [])
+        return [gr.Button(interactive=False)] * len(buttons) + empty
+
+    def finish():  # after success or error alike
+        return [gr.Button(interactive=True)] * len(buttons)
+
+    # The HTTP endpoint returns the final result in one piece; the buttons stream into the cards.
+    api_trigger = gr.Button(visible=False, elem_id=f"{key}-api")
+    api_trigger.click(handler, inputs, outputs, api_name=api_name, api_description=api_description, **gpu_work)
+    shown = [result, cards] + outputs_extra
+    for button, fn in ((go, live), (again, fresh)):
+        run = button.click(start, None, buttons + shown, queue=False, api_visibility="private").then(
+            fn, inputs, shown, api_visibility="private", **gpu_work)
+        # .then alone is skipped after an error in gradio 6.31's frontend: unlock on each outcome.
+        run.success(finish, None, buttons, queue=False, api_visibility="private")
+        run.failure(finish, None, buttons, queue=False, api_visibility="private")
+
+    if counter is not None:  # counted in the browser: no server round trip per keystroke
+        text.change(None, text, counter, js=f"(t) => `${{(t || '').length}} / {MAX_TEXT_CHARS} characters`")
     dice_inputs = [language, number] + ([text] if text is not None else [])
     if task is Task.T2T:  # the public endpoint takes the question too, for language "auto"
         dice.click(studio.draw_conditions, dice_inputs, conditions, api_name="draw_conditions")

@@ -131,8 +131,8 @@ def test_draw_conditions_gives_one_noun_per_candidate(client):
     ("/text_to_text", call("Why?", temperature=3.0), "Temperature: Value 3.0 is greater than maximum value 2.0."),
     ("/text_to_text", call("Why?", temperature="hot"), "Temperature: must be a number."),
     ("/text_to_text", call("Why?", top_k=2.5), "top_k must be a whole number, got 2.5."),
-    ("/text_to_text", call("Why?", seed=-1), "Seed (empty = random): Value -1 is less than minimum value 0."),
-    ("/text_to_text", call("Why?", seed=1.5), "seed must be a whole number, got 1.5."),
+    ("/text_to_text", call("Why?", seed=-1), "Seed: -1 is out of range; use a whole number from 0 to 4294967295"),
+    ("/text_to_text", call("Why?", seed=1.5), "Seed: '1.5' is not a whole number; leave it empty for a random seed."),
     ("/text_to_text", call("Why?", language="fr"), "Language: Value: 'fr'"),
     ("/text_to_text", call("Why?", mode="best"), "Mode: Value: 'best'"),
     ("/text_to_text", call("Why?", adapter="../etc"), "Invalid adapter name '../etc'"),
@@ -258,3 +258,65 @@ def test_degenerate_images_are_refused_clearly(client, tmp_path):
     Image.new("RGB", (600, 4), "white").save(strip)
     with pytest.raises(AppError, match="The image is 600×4 pixels: use one at least 8 pixels on each side"):
         client.predict(*call(handle_file(strip)), api_name="/image_to_text")
+
+
+def test_api_page_examples_work_as_copied(app):
+    """The values the API page's snippet shows are sent as they stand: a local image file, no fixed seed."""
+    engine, client = app
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/image_to_text", "/image_text_to_text", "/text_to_text"):
+        params = {p["parameter_name"]: p for p in api[name]["parameters"]}
+        assert params["seed"]["example_input"] == "" and params["conditions"]["example_input"] == ""
+        assert "random" in api[name]["description"]
+    image = api["/image_to_text"]["parameters"][0]["example_input"]
+    assert image["url"] == "cat.jpg" and image["meta"]["_type"] == "gradio.FileData"  # handle_file('cat.jpg')
+    text_params = api["/text_to_text"]["parameters"]
+    copied = [handle_file(CAT) if p["parameter_name"] == "image" else p["example_input"]
+              for p in api["/image_to_text"]["parameters"]]
+    copied[[p["parameter_name"] for p in api["/image_to_text"]["parameters"]].index("max_new_tokens")] = 6
+    first, _, _ = client.predict(*copied, api_name="/image_to_text")
+    second, _, _ = client.predict(*copied, api_name="/image_to_text")
+    assert len(first["candidates"]) == 1 and first["seed"] != second["seed"]  # "" is a random seed each time
+    assert text_params[0]["example_input"].endswith("?")
+
+
+@pytest.mark.parametrize("seed, expected", [("", None), ("  ", None), (None, None), ("42", 42), (" 7 ", 7), (0, 0),
+                                            (2**32 - 1, 2**32 - 1)])
+def test_seed_accepts_empty_text_or_a_whole_number(seed, expected):
+    from clot.ui import parse_seed
+
+    assert parse_seed(seed) == expected
+
+
+@pytest.mark.parametrize("header, language", [
+    ("ja,en-US;q=0.9", "ja"), ("fr-FR,fr;q=0.9,zh-CN;q=0.5,en;q=0.6", "en"), ("de-DE,de", None), (None, None),
+    ("en;q=0,ja;q=0.1", "ja"), ("zh-TW;q=x,ja", "ja"),
+])
+def test_browser_language_is_the_best_weighted_one_we_speak(header, language):
+    from clot.ui import browser_language
+
+    assert browser_language(header) == language
+
+
+def test_auto_language_without_text_follows_the_browser(app, tiny_dir):
+    _, client = app
+    japanese = Client(client.src, verbose=False, headers={"Accept-Language": "ja-JP,ja;q=0.9,en;q=0.8"})
+    blank = handle_file(EXAMPLES / "blank_ja.jpg")
+    result, _, _ = japanese.predict(*call(blank, "", n=1, mode="sample", max_new_tokens=4),
+                                    api_name="/image_text_to_text")
+    assert result["language"] == "ja"
+    typed, _, _ = japanese.predict(*call(blank, "What now?", n=1, mode="sample", max_new_tokens=4),
+                                   api_name="/image_text_to_text")
+    assert typed["language"] == "en"  # text decides when there is some
+    plain, _, _ = client.predict(*call(blank, "", n=1, mode="sample", max_new_tokens=4),
+                                 api_name="/image_text_to_text")
+    assert plain["language"] == "en"
+
+
+def test_tiny_model_is_recognised_for_the_banner(tiny_dir, tmp_path):
+    from clot.ui import tiny_model_name
+
+    assert tiny_model_name(str(tiny_dir)).startswith("clot-tiny-qwen2.5-vl")
+    assert tiny_model_name("Qwen/Qwen2.5-VL-3B-Instruct") is None
+    (tmp_path / "clot_tiny.json").write_text("{not json")
+    assert tiny_model_name(str(tmp_path)) is None

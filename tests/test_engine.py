@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from clot import adapters, prompts
-from clot.engine import Choice, Engine, Turn
+from clot.engine import Choice, Engine, RowStreamer, Turn
 from clot.tasks import ClotError, Language, Request, Sampling, Task
 
 from conftest import make_adapter
@@ -76,6 +76,22 @@ def test_k_candidates_come_from_one_generate_call(engine, image, generate_calls)
     assert len(generate_calls) == 1
     assert generate_calls[0]["input_ids"].shape[0] == 5
     assert all(isinstance(c.text, str) for c in candidates)
+
+
+def test_row_streamer_sees_every_row_grow_to_the_final_answers(engine, generate_calls):
+    streamer = RowStreamer(engine.tokenizer)
+    request = Request(task="T2T", text="Why?", num_candidates=3, sampling=Sampling(seed=4, max_new_tokens=10))
+    phases = []
+    result = engine.clot(request, nouns=["umbrella"], streamer=streamer, on_phase=phases.append)
+    updates = []
+    while not streamer.updates.empty():
+        updates.append(streamer.updates.get())
+    streamed = [call for call in generate_calls if call.get("streamer") is streamer]
+    assert len(streamed) == 1 and 2 <= len(updates) <= 10  # one call; an update per decoding step
+    assert all(len(texts) == 3 for texts in updates)
+    assert [c.text for c in result.candidates] == updates[-1]
+    assert sum(map(len, updates[0])) < sum(map(len, updates[-1]))
+    assert phases == ["ranking", "selecting"]
 
 
 def test_condition_words_go_into_their_own_rows(engine, generate_calls):

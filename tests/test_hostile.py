@@ -242,8 +242,8 @@ SETTING_ERRORS = [
     (dict(top_k=[5]), "Top-k (0 = off): must be a number."),
     (dict(temperature={"value": 1}), "Temperature: must be a number."),
     (dict(n=True), "num_candidates must be a finite number, got True."),
-    (dict(seed=2**40), "Seed (empty = random): Value 1099511627776 is greater than maximum value 4294967295"),
-    (dict(seed="7; rm -rf /"), "Seed (empty = random): must be a number or empty."),
+    (dict(seed=2**40), "Seed: 1099511627776 is out of range; use a whole number from 0 to 4294967295"),
+    (dict(seed="7; rm -rf /"), "Seed: '7; rm -rf /' is not a whole number; leave it empty for a random seed."),
     (dict(mode=None), "mode must be one of CLoT, sample; got None."),
 ]
 
