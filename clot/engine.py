@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from clot import adapters as registry
-from clot import prompts
+from clot import hub, prompts
 from clot.nouns import draw_conditions, load_nouns
 from clot.prefix import PrefixStore, share_prefixes
 from clot.tasks import Candidate, ClotError, Language, Request, Sampling, Task, clean_text
@@ -182,11 +182,18 @@ def load_processor(name: str, max_image_tokens: int | None = DEFAULT_MAX_IMAGE_T
 
 
 def _load_pretrained(loader, name: str, **kwargs):
+    local = Path(name).exists()
+    cache_only = not local and hub.cache_only()  # else minutes of retries before the error
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(name, **kwargs, **({"local_files_only": True} if cache_only else {}))
     except (OSError, ValueError) as err:
-        if Path(name).exists():
+        if local:
             raise ClotError(f"Could not load a model from {name}: {str(err).splitlines()[0]}") from None
+        if cache_only:
+            raise ClotError(
+                f"The Hugging Face Hub is {'switched off (HF_HUB_OFFLINE)' if hub.offline_by_choice() else 'unreachable'} "
+                f"and {name!r} is not in the local cache: download it where the hub is reachable and pass "
+                "its local folder (--base-model /path/to/model), or run with --tiny for an offline smoke test.") from None
         raise ClotError(
             f"Could not load {name!r} from the Hugging Face Hub (it is unreachable or the id is wrong). "
             "Download the model where the hub is reachable and pass its local folder "
