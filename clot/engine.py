@@ -303,7 +303,7 @@ class Engine:
                 self.active_adapter = registry.BASE
                 return
             registry.check_name(name)
-            path = self.adapters_dir / name
+            path = (self.adapters_dir / name).resolve()  # the published copy: republishing re-points the name
             if not path.is_dir():
                 known = ", ".join(a.name for a in self.list_adapters()) or "none"
                 raise ClotError(f"Unknown adapter {name!r}. Published adapters: {known}.")

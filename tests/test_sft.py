@@ -76,7 +76,8 @@ def test_short_training_lowers_heldout_loss_and_publishes_a_loadable_adapter(tin
     saved = adapters.validate(published)
     assert saved["data_hash"] == manifest["data_hash"] and saved["split_hash"] == manifest["split_hash"]
     assert saved["stage"] == 1 and saved["settings"]["lora_r"] == 16
-    assert not [p for p in Path(settings.adapters_dir).iterdir() if p.name.startswith(".")]  # no staging left
+    assert sorted(p.name for p in Path(settings.adapters_dir).iterdir()) == [adapters.VERSIONS, "tiny-test"]
+    assert len(list((Path(settings.adapters_dir) / adapters.VERSIONS).iterdir())) == 1  # one copy, no staging left
     rows = sft.read_csv(tmp_path / "loss.csv")
     assert [int(r["step"]) for r in rows if r["loss"]] == [1, 4, 8, 12]
     assert any((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
