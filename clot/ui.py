@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import gradio as gr
+import pydantic
 from gradio import utils as gr_utils
 from PIL import Image, UnidentifiedImageError
 
@@ -164,8 +165,17 @@ def upload_only(image: gr.Image) -> gr.Image:
             raise refused
         return payload.path  # never payload.url: gradio would decode inline base64 data from it
 
+    class UploadedImage(image.data_model):  # a bare string such as "/etc/passwd" is no upload
+        model_config = pydantic.ConfigDict(title=image.data_model.__name__)  # the API page is unchanged
+
+        @pydantic.model_validator(mode="before")
+        @classmethod
+        def no_bare_path(cls, value):  # (raising here would reach the caller as pydantic's generic error)
+            return value if isinstance(value, dict) else {}  # a payload naming no file: preprocess refuses it
+
     image.async_move_resource_to_block_cache = move_to_cache
     image.preprocess = preprocess
+    image.data_model = UploadedImage
     return image
 
 
