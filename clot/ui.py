@@ -179,6 +179,21 @@ def upload_only(image: gr.Image) -> gr.Image:
     return image
 
 
+QUEUE_DEADLINE_S = 120.0
+BUSY = "The server is busy; please try again in a minute"
+
+
+def queue_wait_s() -> float:
+    """How long the running event waited in gradio's queue before starting (0 outside a queued event).
+    Gradio keeps each event's enqueue time but does not hand it to the function (gradio 6.31 internals)."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    event = queue.event_ids_to_events.get(event_id) if queue is not None and event_id else None
+    return time.monotonic() - event.enqueue_time if event is not None else 0.0
+
+
 def guarded(component: gr.components.Component, message: str):
     """`component`, answering a value it cannot take with a clear gr.Error that names it.
 
@@ -258,9 +273,11 @@ class MemeStore:
 class Studio:
     """The demo's server side: validation, the GPU-bound call, and adapter listing, over one engine."""
 
-    def __init__(self, engine: Engine, nouns_path: str | Path | None = None):
+    def __init__(self, engine: Engine, nouns_path: str | Path | None = None,
+                 queue_deadline_s: float = QUEUE_DEADLINE_S):
         self.engine = engine
         self.nouns_path = nouns_path
+        self.queue_deadline_s = queue_deadline_s
         self.memes = MemeStore()
         # On ZeroGPU the decorated call runs in a forked worker that receives its arguments pickled:
         # wrap the bound method so only the request, mode and adapter name travel, never the engine.
@@ -292,6 +309,10 @@ class Studio:
 
     def play(self, task: Task, *args, progress=gr.Progress()) -> tuple:
         """One tab's generation, with every user-caused error turned into a gr.Error."""
+        waited = queue_wait_s()
+        if waited > self.queue_deadline_s:  # its caller may have given up: turn it away clearly instead
+            raise gr.Error(f"{BUSY} (this request waited {waited:.0f} s in the queue without starting).",
+                           print_exception=False)
         try:
             request, mode, adapter = self.build_request(task, *args)
             steps = "writing, ranking and selecting" if mode == "CLoT" else "writing and ranking"
@@ -437,9 +458,11 @@ condition word, ranks them itself, keeps the top two and picks the better one; *
 and shows the model's own ranking."""
 
 
-def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: str = "CLoT humor studio") -> gr.Blocks:
-    """The whole app as gr.Blocks; the caller queues and launches it (see app.py)."""
-    studio = Studio(engine, nouns_path)
+def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: str = "CLoT humor studio",
+               queue_deadline_s: float = QUEUE_DEADLINE_S) -> gr.Blocks:
+    """The whole app as gr.Blocks; the caller queues and launches it (see app.py). A generation that
+    could not start within `queue_deadline_s` of joining the queue is turned away as busy."""
+    studio = Studio(engine, nouns_path, queue_deadline_s)
     initial = engine.active_adapter
     gpu_work = dict(concurrency_id="gpu", concurrency_limit=1)  # all model work shares one slot
 
