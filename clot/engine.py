@@ -505,7 +505,7 @@ class Engine:
 
     def rank(self, task: Task | str, lang: Language | str, answers: list[str], image: Image.Image | None = None,
              question: str = "", adapter: str | None = None) -> list[float]:
-        """The ranking question of METHOD.md §3: each answer's probability of being ranked funniest."""
+        """The paper's ranking question: each answer's probability of being ranked funniest."""
         if len(answers) == 1:
             return [1.0]
         return self.score([Choice("rank", Task.parse(task), Language.parse(lang), answers, image, question)],
@@ -513,14 +513,14 @@ class Engine:
 
     def select(self, task: Task | str, lang: Language | str, options: list[str], image: Image.Image | None = None,
                question: str = "", num_correct: int = 1, adapter: str | None = None) -> list[float]:
-        """The selection question of METHOD.md §3: each option's probability of being picked."""
+        """The paper's selection question: each option's probability of being picked."""
         return self.score([Choice("select", Task.parse(task), Language.parse(lang), options, image, question,
                                   num_correct)], adapter=adapter)[0]
 
     # ---------------------------------------------------------------- CLoT
     def clot(self, request: Request, nouns: list[str] | None = None, rho: float = 0.5,
              rng: random.Random | None = None, adapter: str | None = None) -> ClotResult:
-        """METHOD.md §5: n weak conditions → n answers → rank → keep the top 2 → select one.
+        """The paper's inference: n weak conditions → n answers → rank → keep the top 2 → select one.
 
         Condition words typed by the user are kept (candidates beyond them get no condition); when
         none are given, each candidate gets a uniform noun of the noun set, or none with probability rho."""

@@ -1,4 +1,4 @@
-"""Evaluation of METHOD.md §6: choice (2T1, 3T1, 4T1, 5T2) and ranking questions, a report, a creativity probe.
+"""The paper's evaluation: choice (2T1, 3T1, 4T1, 5T2) and ranking questions, a report, a creativity probe.
 
     python training/evaluate.py --config training/configs/tiny.yaml --models base,tiny-stage1
 

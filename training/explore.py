@@ -1,4 +1,4 @@
-"""Stage 2 — explorative self-refinement (METHOD.md §4).
+"""Stage 2 — explorative self-refinement (the paper's second stage).
 
 For each training prompt: draw n weak conditions (empty with probability ρ, else a uniform noun of
 the noun set S), generate one answer per condition with the current adapter, let the same model

@@ -1,4 +1,4 @@
-"""Oogiri-GO samples → stage-1 instruction records: the five kinds of METHOD.md §3.
+"""Oogiri-GO samples → stage-1 instruction records: the paper's five kinds.
 
     python training/instructions.py --config training/configs/tiny.yaml [--set num_options=5]
 
@@ -69,7 +69,7 @@ class InstructionSettings(DatasetSettings):
     # (ranking); a fraction is the chance of one more. The paper does not state its mixture.
     mixture: dict = field(default_factory=lambda: {"generation": 1.0, "conditioned": 1.0, "masked": 0.5,
                                                    "selection": 1.0, "ranking": 1.0})
-    rho_c: float = 0.5  # chance that a conditioned instruction has no condition (METHOD.md §3)
+    rho_c: float = 0.5  # chance that a conditioned instruction has no condition (the paper's rho_c)
     num_options: int = 4  # selection options: the human answer + distractors (4T1 as in the paper)
     literal_model: str = "base"  # model for literal distractors: "base", "none", or a hub id / path
     literal_cache: str = ""  # default <run_dir>/literal-cache.json

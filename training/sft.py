@@ -58,7 +58,7 @@ class TrainSettings:
     adapters_dir: str = "adapters"
     stage: int = 1
     round: int = 0
-    # LoRA and optimiser: METHOD.md §3 (the paper's Qwen-VL settings).
+    # LoRA and optimiser: the paper's Qwen-VL settings.
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
