@@ -30,8 +30,8 @@ def test_app_without_the_hub_ends_in_one_sentence(hub_env, tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode != 0
     why = "switched off (HF_HUB_OFFLINE)" if "HF_HUB_OFFLINE" in hub_env else "unreachable"
-    assert (f"error: The Hugging Face Hub is {why} and 'some-owner/some-model' is not in the local cache: "
-            "download it where the hub is reachable and pass its local folder") in output
+    assert (f"error: Could not load 'some-owner/some-model': the Hugging Face Hub is {why} and the model is not "
+            "in the local cache. Download it where the hub is reachable and pass its local folder") in output
     assert "Retry" not in output and "Traceback" not in output, output[-2000:]
 
 
