@@ -56,8 +56,8 @@ def main() -> None:
 
             t = compare({"transformers": transformers_way, "sampler": ours}, args.repeats)
             ms_per_step = 1000 / args.steps
-            results[f"{name}/rows={rows}"] = {
-                way: {stat: getattr(runs, stat)() * ms_per_step for stat in ("median", "min")} for way, runs in t.items()}
+            results[f"{name}/rows={rows}"] = {way: {"median": runs.median() * ms_per_step, "min": runs.min() * ms_per_step}
+                                              for way, runs in t.items()}
             rows_out.append([name, vocab, rows, spread(t["transformers"], scale=ms_per_step),
                              spread(t["sampler"], scale=ms_per_step), ratio(t["transformers"], t["sampler"])])
     print(f"Median (and minimum) of {args.repeats} interleaved rounds.")

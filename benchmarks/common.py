@@ -66,7 +66,8 @@ class Runs:
                 for key in self.rounds[0]}
 
 
-def compare(strategies: dict[str, Callable[[], dict | None]], repeats: int = 3, warm_up: bool = True) -> dict[str, Runs]:
+def compare(strategies: dict[str, Callable[[], dict | None]], repeats: int = 3,
+            warm_up: bool = True) -> dict[str, Runs]:
     """Time the strategies interleaved (A B C, A B C, …) for `repeats` rounds, after one warm-up
     round that is not kept: a busy moment then slows one round of every strategy rather than all
     rounds of one. Read each strategy's median for the typical time and its minimum for the time
