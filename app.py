@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=int(env("CLOT_QUEUE_SIZE", "32")),
                         help="requests allowed to wait in the queue before new ones are turned away "
                              "(env CLOT_QUEUE_SIZE; default %(default)s)")
+    parser.add_argument("--queue-deadline", type=float, default=float(env("CLOT_QUEUE_DEADLINE", "120")),
+                        help="seconds a generation may wait in the queue; one that cannot start by then is turned "
+                             "away with a busy message, not left to time out (env CLOT_QUEUE_DEADLINE; default "
+                             "%(default)s)")
     parser.add_argument("--compile", action="store_true", default=env("CLOT_COMPILE", "") in ("1", "true", "yes"),
                         help="decode with a static KV cache and torch.compile: faster steps on a GPU after a "
                              "compilation per new batch shape (tens of seconds); off where unsupported, ZeroGPU "
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     except ClotError as err:  # a wrong id, no hub access, a bad adapter: one sentence, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    demo = build_demo(engine, nouns_path=args.nouns)
+    demo = build_demo(engine, nouns_path=args.nouns, queue_deadline_s=args.queue_deadline)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
                 css=CSS, max_file_size=MAX_FILE_SIZE)

@@ -1,5 +1,8 @@
 """App cold start: from process start to the first answer over HTTP, and the server's peak memory.
 
+The sizes start in turn (tiny, small, tiny, small, …) after a warm-up round; each figure is the
+median and the minimum of the rounds.
+
 Starts `python app.py` on a random-weight model (the tiny model, and the ~100M "small" one as a
 local folder) on loopback, asks one Text → Text question with gradio_client, and samples the
 server's resident memory (RSS) all along.
@@ -20,7 +23,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import ROOT, save, table
+from common import ROOT, compare, save, spread, table
 
 from clot import tiny
 
@@ -77,15 +80,17 @@ def cold_start(model_args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up one")
     args = parser.parse_args()
-    rows, results = [], {}
-    for size in args.sizes.split(","):
-        folder = tiny.build(Path(tempfile.gettempdir()) / f"clot-bench-{size}", size=size)
-        result = cold_start(["--base-model", str(folder)])
-        results[size] = result
-        rows.append([size, result["ready_s"], result["first_answer_s"], f"{result['peak_rss_mb']:.0f}"])
-    print(table(["model", "server ready s", "first answer s", "peak RSS MB"], rows))
-    print("saved", save("app", {"results": results}))
+    folders = {size: tiny.build(Path(tempfile.gettempdir()) / f"clot-bench-{size}", size=size)
+               for size in args.sizes.split(",")}
+    runs = compare({size: lambda folder=folder: cold_start(["--base-model", str(folder)])
+                    for size, folder in folders.items()}, args.repeats)
+    rows = [[size, spread(r, "ready_s"), spread(r, "first_answer_s"), f"{r.median('peak_rss_mb'):.0f}"]
+            for size, r in runs.items()]
+    print(f"Median (and minimum) of {args.repeats} interleaved cold starts.")
+    print(table(["model", "server ready s", "first answer s", "peak RSS MB (median)"], rows))
+    print("saved", save("app", {"repeats": args.repeats, "results": {size: r.summary() for size, r in runs.items()}}))
 
 
 if __name__ == "__main__":

@@ -68,9 +68,11 @@ def measure(size: str, args) -> dict:
               "bandwidth_bytes_per_s": speed, "bound_ms": bound * 1e3}
     for mode in ("eager", "compiled") if args.compile else ("eager",):
         engine.set_compile(mode == "compiled")  # the warm-up round of compare() pays the compilation
-        t = compare(runs)
-        step = (t[args.long] - t[args.short]) / (args.long - args.short)
-        result[f"{mode}_step_ms"], result[f"{mode}_ratio"] = step * 1e3, step / bound
+        t = compare(runs, args.repeats)
+        for stat in ("median", "min"):  # the step from the median times, and from the least disturbed ones
+            long, short = getattr(t[args.long], stat)(), getattr(t[args.short], stat)()
+            result[f"{mode}_step_ms_{stat}"] = (long - short) / (args.long - args.short) * 1e3
+        result[f"{mode}_ratio"] = result[f"{mode}_step_ms_median"] / 1e3 / bound
     return result
 
 
@@ -81,14 +83,17 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=8, help="new tokens of the short generation")
     parser.add_argument("--long", type=int, default=72, help="new tokens of the long generation")
     parser.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth copy")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up one")
     parser.add_argument("--compile", action="store_true", help="also time the static-cache + torch.compile setting")
     parser.add_argument("--name", default="decode", help="results file: benchmarks/results/<name>.json")
     args = parser.parse_args()
     results = {size: measure(size, args) for size in args.sizes.split(",")}
     modes = ("eager", "compiled") if args.compile else ("eager",)
     rows = [[size, mode, r["dtype"], f"{r['weight_bytes'] / 2**20:.0f} MiB",
-             f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", r["bound_ms"], r[f"{mode}_step_ms"],
+             f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", r["bound_ms"],
+             f"{r[f'{mode}_step_ms_median']:.3f} (min {r[f'{mode}_step_ms_min']:.3f})",
              f"{r[f'{mode}_ratio']:.2f}×"] for size, r in results.items() for mode in modes]
+    print(f"Decode step: median (and minimum) of {args.repeats} interleaved rounds of the short and long generation.")
     print(table(["model", "decoding", "dtype", "weights read per step", "measured bandwidth", "bound ms",
                  "decode step ms", "step / bound"], rows))
     last = results[args.sizes.split(",")[-1]]
@@ -96,6 +101,7 @@ def main() -> None:
     print(f"\nHeadline ({args.sizes.split(',')[-1]} model, {args.device}, {best}): one decode step takes "
           f"{last[f'{best}_ratio']:.2f}× the memory-bandwidth bound (target: within 3× on a GPU).")
     print("saved", save(args.name, {"device": args.device, "short": args.short, "long": args.long,
+                                   "repeats": args.repeats,
                                    "models": results}))
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import random
 
-from common import compare, load_engine, photo, save, table
+from common import Runs, compare, load_engine, photo, ratio, save, spread, table
 
 from clot import prompts
 from clot.engine import Turn
 from clot.tasks import Language, Request, Sampling, Task
 
 
-def strategies(engine, image, k: int, new_tokens: int) -> dict[str, float]:
+def strategies(engine, image, k: int, new_tokens: int, repeats: int) -> dict[str, Runs]:
     settings = Sampling(seed=0, max_new_tokens=new_tokens)
     turns = [Turn(prompts.generation_prompt(Task.I2T, Language.EN, wording=i % 3), Language.EN, image)
              for i in range(k)]
@@ -45,10 +45,10 @@ def strategies(engine, image, k: int, new_tokens: int) -> dict[str, float]:
         engine.prefixes.clear()  # each request is new: nothing cached from the last one
         batched(True)
 
-    return compare({"sequential": sequential, "batched": lambda: batched(False), "shared": shared})
+    return compare({"sequential": sequential, "batched": lambda: batched(False), "shared": shared}, repeats)
 
 
-def clot_vs_sampling(engine, image, new_tokens: int) -> dict[str, float]:
+def clot_vs_sampling(engine, image, new_tokens: int, repeats: int) -> dict[str, Runs]:
     settings = Sampling(seed=0, max_new_tokens=new_tokens)
 
     def plain():
@@ -60,7 +60,7 @@ def clot_vs_sampling(engine, image, new_tokens: int) -> dict[str, float]:
         engine.prefixes.clear()
         engine.clot(Request(task="I2T", image=image, num_candidates=5, sampling=settings), rng=random.Random(0))
 
-    return compare({"sample5": plain, "clot5": clot})
+    return compare({"sample5": plain, "clot5": clot}, repeats)
 
 
 def main() -> None:
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--ks", default="1,5,9")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU figures (with --sizes 3b)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds after the warm-up one")
     args = parser.parse_args()
     image = photo()
     rows, results = [], {}
@@ -76,21 +77,25 @@ def main() -> None:
         engine = load_engine(size, args.device)
         engine.fixed_length = True  # random weights stop anywhere: time a fixed number of new tokens
         for k in [int(k) for k in args.ks.split(",")]:
-            t = strategies(engine, image, k, args.new_tokens)
+            t = strategies(engine, image, k, args.new_tokens, args.repeats)
             results[f"{size}/k={k}"] = t
-            rows.append([size, k, t["sequential"], t["batched"], t["shared"],
-                         f"{t['sequential'] / t['shared']:.2f}×", f"{t['batched'] / t['shared']:.2f}×"])
-        c = clot_vs_sampling(engine, image, args.new_tokens)
+            rows.append([size, k, spread(t["sequential"]), spread(t["batched"]), spread(t["shared"]),
+                         ratio(t["sequential"], t["shared"]), ratio(t["batched"], t["shared"])])
+        c = clot_vs_sampling(engine, image, args.new_tokens, args.repeats)
         results[f"{size}/clot"] = c
-        rows.append([size, "CLoT 5 vs sample 5", c["sample5"], "", c["clot5"], "", f"{c['clot5'] / c['sample5']:.2f}× latency"])
+        rows.append([size, "CLoT 5 vs sample 5", spread(c["sample5"]), "", spread(c["clot5"]), "",
+                     ratio(c["clot5"], c["sample5"]) + " latency"])
+    print(f"Median (and minimum) of {args.repeats} interleaved rounds.")
     print(table(["model", "k", "sequential s", "batched s", "shared s", "sequential/shared", "batched/shared"], rows))
     size, k = args.sizes.split(",")[-1], max(int(k) for k in args.ks.split(","))
     headline = results[f"{size}/k={k}"]
-    print(f"\nHeadline ({size} model, k={k}): shared prefill is {headline['sequential'] / headline['shared']:.2f}× "
-          f"faster than the original demo's sequential calls and {headline['batched'] / headline['shared']:.2f}× "
-          "faster than plain batching.")
+    print(f"\nHeadline ({size} model, k={k}, medians): shared prefill is "
+          f"{headline['sequential'].median() / headline['shared'].median():.2f}× faster than the original demo's "
+          f"sequential calls and {headline['batched'].median() / headline['shared'].median():.2f}× faster than plain "
+          "batching.")
+    seconds = {key: {name: runs.summary()["seconds"] for name, runs in t.items()} for key, t in results.items()}
     print("saved", save("generation" if args.device == "cpu" else f"generation-{args.device}",
-                        {"new_tokens": args.new_tokens, "seconds": results}))
+                        {"new_tokens": args.new_tokens, "repeats": args.repeats, "seconds": seconds}))
 
 
 if __name__ == "__main__":

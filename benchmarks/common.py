@@ -10,6 +10,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,17 +47,49 @@ def photo(width: int = 448, height: int = 448, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels.numpy(), "RGB")
 
 
-def compare(strategies: dict, repeats: int = 3) -> dict[str, float]:
-    """Median wall time (s) of each strategy. They run in turn within every round, after one
-    warm-up round, so that a busy machine slows them all alike and their ratios stay fair."""
-    times: dict[str, list[float]] = {name: [] for name in strategies}
-    for round_ in range(repeats + 1):
+@dataclass
+class Runs:
+    """One strategy's measurements over the rounds: its wall time ("seconds") and whatever numbers
+    it returned itself, each round a dict."""
+
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    def median(self, key: str = "seconds") -> float:
+        return statistics.median(r[key] for r in self.rounds)
+
+    def min(self, key: str = "seconds") -> float:
+        return min(r[key] for r in self.rounds)
+
+    def summary(self) -> dict[str, dict]:
+        """For the results JSON: per number, its median, minimum and every round's value."""
+        return {key: {"median": self.median(key), "min": self.min(key), "rounds": [r[key] for r in self.rounds]}
+                for key in self.rounds[0]}
+
+
+def compare(strategies: dict[str, Callable[[], dict | None]], repeats: int = 3,
+            warm_up: bool = True) -> dict[str, Runs]:
+    """Time the strategies interleaved (A B C, A B C, …) for `repeats` rounds, after one warm-up
+    round that is not kept: a busy moment then slows one round of every strategy rather than all
+    rounds of one. Read each strategy's median for the typical time and its minimum for the time
+    least disturbed by other work; ratios of either can be trusted on a shared machine."""
+    runs = {name: Runs() for name in strategies}
+    for round_ in range(repeats + warm_up):
         for name, fn in strategies.items():
             start = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            extra = fn() or {}
+            if round_ >= warm_up:
+                runs[name].rounds.append({"seconds": time.perf_counter() - start, **extra})
+    return runs
+
+
+def spread(runs: Runs, key: str = "seconds", scale: float = 1.0) -> str:
+    """A table cell: "median (min …)"."""
+    return f"{runs.median(key) * scale:.3f} (min {runs.min(key) * scale:.3f})"
+
+
+def ratio(a: Runs, b: Runs, key: str = "seconds") -> str:
+    """a / b of the medians, and of the minima."""
+    return f"{a.median(key) / b.median(key):.2f}× (min {a.min(key) / b.min(key):.2f}×)"
 
 
 def machine() -> str:

@@ -1,8 +1,9 @@
 """The adapters folder: discovery, cards (clot.json), validation and atomic publishing.
 
 An adapter is a folder `<adapters>/<name>/` holding peft's `adapter_config.json` and
-`adapter_model.safetensors` plus our card `clot.json`. Publishing writes the whole folder under
-a hidden staging name and renames it into place, so a running demo never sees half an adapter.
+`adapter_model.safetensors` plus our card `clot.json`; on disk it is a symlink into
+`<adapters>/.versions/`, and publishing writes a whole new copy there before re-pointing the
+symlink atomically, so a running demo never misses an adapter or sees half of one.
 Only safetensors weights are ever loaded: pickle files are refused. Adapters made elsewhere (the
 authors' CLoT-cn, other tools' LoRAs) come in through `python -m clot.adapters import`
 (clot/adapter_import.py).
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,10 +134,11 @@ def discover(folder: str | Path) -> list[AdapterInfo]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_dir() or not _NAME.match(path.name):
             continue
-        if not ((path / WEIGHTS).is_file() and (path / CONFIG).is_file()):
+        copy = path.resolve()  # one published copy, even if the name is re-pointed meanwhile
+        if not ((copy / WEIGHTS).is_file() and (copy / CONFIG).is_file()):
             continue
         try:
-            found.append(AdapterInfo(path.name, path, read_card(path)))
+            found.append(AdapterInfo(path.name, copy, read_card(copy)))
         except ClotError:
             continue
     return found
@@ -169,7 +172,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-_LEFTOVER = re.compile(r"^\.(.+)\.(staging|retired)-(\d+)-")
+VERSIONS = ".versions"  # every published copy lives here; `<adapters>/<name>` is a symlink to one of them
+RETIRED_GRACE_S = 60  # a replaced copy stays this long for readers that resolved the link just before
+_VERSION = re.compile(r"^(\d+)-(\d+)-")  # <time_ns>-<publisher pid>-<random>
 
 
 def _alive(pid: int) -> bool:
@@ -183,44 +188,61 @@ def _alive(pid: int) -> bool:
 
 
 def sweep(folder: Path) -> None:
-    """Tidy up after publishers that died mid-publish (those still running on this machine are left
-    alone): a half-copied staging folder is removed; a retired adapter whose replacement never
-    arrived is put back, else removed."""
-    for path in Path(folder).iterdir():
-        match = _LEFTOVER.match(path.name)
-        if not match or not path.is_dir() or _alive(int(match.group(3))):
+    """Remove the copies nobody can reach any more: a replaced copy once its grace period is over,
+    and the half-written copy or link of a publisher that died (live publishers are left alone)."""
+    folder = Path(folder)
+    versions = folder / VERSIONS
+    linked = {entry.resolve().parent for entry in folder.iterdir()
+              if entry.is_symlink() and not entry.name.startswith(".")}  # the published names
+    for path in folder.glob(".*.link-*"):  # a link made but never renamed into place
+        match = _VERSION.match(path.name.rpartition(".link-")[2])
+        if match and not _alive(int(match.group(2))):
+            path.unlink(missing_ok=True)
+    for version in versions.iterdir() if versions.is_dir() else ():
+        match = _VERSION.match(version.name)
+        if not match or version in linked:
             continue
-        target = Path(folder) / match.group(1)
-        if match.group(2) == "retired" and not target.exists():
-            os.replace(path, target)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+        complete = any((copy / CARD).is_file() for copy in version.iterdir())
+        retired_long_ago = time.time() - version.stat().st_mtime > RETIRED_GRACE_S
+        if (complete and retired_long_ago) or (not complete and not _alive(int(match.group(2)))):
+            shutil.rmtree(version, ignore_errors=True)
 
 
 def publish(source: str | Path, folder: str | Path, name: str, card: dict) -> Path:
-    """Copy an adapter (peft save_pretrained output) into `folder/name` with its card, atomically."""
+    """Copy an adapter (peft save_pretrained output) into the adapters folder with its card, and make
+    `folder/name` point at it in one atomic step.
+
+    The copy is written completely into `.versions/<stamp>/<name>/`, then a symlink to it replaces
+    `folder/name` by rename: a reader sees the old adapter or the new one, never neither, never a
+    half. The replaced copy stays for RETIRED_GRACE_S so a reader that resolved the old link can
+    finish. (POSIX only: it relies on symlinks and on rename replacing a symlink atomically.)"""
     check_name(name)
     source, folder = Path(source), Path(folder)
     if not (source / WEIGHTS).is_file() or not (source / CONFIG).is_file():
         raise ClotError(f"{source} is not a saved adapter (needs {WEIGHTS} and {CONFIG}).")
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VERSIONS).mkdir(parents=True, exist_ok=True)
     sweep(folder)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-{os.getpid()}-", dir=folder))
+    version = Path(tempfile.mkdtemp(prefix=f"{time.time_ns()}-{os.getpid()}-", dir=folder / VERSIONS))
+    copy = version / name
+    copy.mkdir()
     for item in source.iterdir():
         if item.is_file() and item.suffix not in (".bin", ".pt", ".pth", ".pkl"):
-            shutil.copy2(item, staging / item.name)
-    write_json_atomic(staging / CARD, card)
-    for item in staging.iterdir():  # make sure the bytes are on disk before the rename publishes them
+            shutil.copy2(item, copy / item.name)
+    write_json_atomic(copy / CARD, card)
+    for item in copy.iterdir():  # make sure the bytes are on disk before the rename publishes them
         with open(item, "rb") as f:
             os.fsync(f.fileno())
+    os.utime(version)  # complete now: the grace period of sweep counts from here
     target = folder / name
-    retired = None
-    if target.exists():
-        retired = folder / f".{name}.retired-{os.getpid()}-{dt.datetime.now().timestamp():.0f}"
-        os.replace(target, retired)
-    os.replace(staging, target)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    if target.is_dir() and not target.is_symlink():  # published before the symlink layout: move it aside once
+        legacy = Path(tempfile.mkdtemp(prefix=f"{time.time_ns()}-{os.getpid()}-", dir=folder / VERSIONS))
+        os.replace(target, legacy / name)
+    link = folder / f".{name}.link-{version.name}"
+    os.symlink(os.path.relpath(copy, folder), link)
+    previous = target.resolve().parent if target.is_symlink() else None
+    os.replace(link, target)
+    if previous is not None and previous.is_dir():
+        os.utime(previous)  # retired now
     return target
 
 

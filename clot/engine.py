@@ -28,8 +28,7 @@ from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from clot import adapters as registry
-from clot import losses
-from clot import prompts
+from clot import hub, losses, prompts
 from clot.families import family_for
 from clot.nouns import draw_conditions, load_nouns
 from clot.prefix import PrefixStore, share_prefixes
@@ -230,14 +229,22 @@ def cap_image_tokens(image_processor, max_image_tokens: int | None) -> None:
 
 
 def _load_pretrained(loader, name: str, **kwargs):
+    local = Path(name).exists()
+    cache_only = not local and hub.cache_only()  # else minutes of retries before the error
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(name, **kwargs, **({"local_files_only": True} if cache_only else {}))
     except pickle.UnpicklingError:  # torch's weights-only loading refused the file
         raise ClotError(f"The weights of {name} are a pickle that only full unpickling can read, which could run "
                         "any code; convert them to safetensors where you trust the file, then load that.") from None
     except (OSError, ValueError) as err:
-        if Path(name).exists():
+        if local:
             raise ClotError(f"Could not load a model from {name}: {str(err).splitlines()[0]}") from None
+        if cache_only:
+            raise ClotError(
+                f"Could not load {name!r}: the Hugging Face Hub is "
+                f"{'switched off (HF_HUB_OFFLINE)' if hub.offline_by_choice() else 'unreachable'} and the model is not "
+                "in the local cache. Download it where the hub is reachable and pass its local folder "
+                "(--base-model /path/to/model), or run with --tiny for an offline smoke test.") from None
         raise ClotError(
             f"Could not load {name!r} from the Hugging Face Hub (it is unreachable or the id is wrong). "
             "Download the model where the hub is reachable and pass its local folder "
@@ -350,7 +357,7 @@ class Engine:
                 self.active_adapter = registry.BASE
                 return
             registry.check_name(name)
-            path = self.adapters_dir / name
+            path = (self.adapters_dir / name).resolve()  # the published copy: republishing re-points the name
             if not path.is_dir():
                 known = ", ".join(a.name for a in self.list_adapters()) or "none"
                 raise ClotError(f"Unknown adapter {name!r}. Published adapters: {known}.")
@@ -584,7 +591,7 @@ class Engine:
 
     def rank(self, task: Task | str, lang: Language | str, answers: list[str], image: Image.Image | None = None,
              question: str = "", adapter: str | None = None) -> list[float]:
-        """The ranking question of METHOD.md §3: each answer's probability of being ranked funniest."""
+        """The paper's ranking question: each answer's probability of being ranked funniest."""
         if len(answers) == 1:
             return [1.0]
         return self.score([Choice("rank", Task.parse(task), Language.parse(lang), answers, image, question)],
@@ -592,7 +599,7 @@ class Engine:
 
     def select(self, task: Task | str, lang: Language | str, options: list[str], image: Image.Image | None = None,
                question: str = "", num_correct: int = 1, adapter: str | None = None) -> list[float]:
-        """The selection question of METHOD.md §3: each option's probability of being picked."""
+        """The paper's selection question: each option's probability of being picked."""
         return self.score([Choice("select", Task.parse(task), Language.parse(lang), options, image, question,
                                   num_correct)], adapter=adapter)[0]
 
@@ -600,7 +607,7 @@ class Engine:
     def clot(self, request: Request, nouns: list[str] | None = None, rho: float = 0.5,
              rng: random.Random | None = None, adapter: str | None = None,
              streamer: RowStreamer | None = None, on_phase=None) -> ClotResult:
-        """METHOD.md §5: n weak conditions → n answers → rank → keep the top 2 → select one.
+        """The paper's inference: n weak conditions → n answers → rank → keep the top 2 → select one.
 
         `streamer` sees the answers as they are written; `on_phase("ranking")` and `on_phase("selecting")`
         are called as those phases start (the demo's progress).

@@ -1,4 +1,4 @@
-"""Nouns per language, the noun set S, and condition sampling (METHOD.md §3 and §4).
+"""Nouns per language, the noun set S, and condition sampling (the paper's stages 1 and 2).
 
 Taggers: Chinese jieba.posseg, Japanese Janome, English nltk.pos_tag when nltk and its tagger data
 are installed. Without them English uses a documented fallback (`english_nouns_fallback`).

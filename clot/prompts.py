@@ -1,4 +1,4 @@
-"""Every prompt template of CLoT, in one place (METHOD.md §3).
+"""Every prompt template of CLoT, in one place, as in the paper (arXiv 2312.02439).
 
 The demo, instruction building, exploration and evaluation all build their prompts here,
 so a model is always asked at inference exactly what it was taught in training.
@@ -271,7 +271,7 @@ def messages(user_text: str, lang: Language, has_image: bool, answer: str | None
     return conversation
 
 
-# Plain, literal texts used as wrong options in selection questions (METHOD.md §3 kind 4, §6).
+# Plain, literal texts used as wrong options in selection questions (instruction kind 4, and the evaluation).
 LITERAL_DESCRIPTION = {
     EN: "Describe this image literally in one plain sentence. Do not joke.",
     ZH: "用一句平实的话如实描述这张图片，不要开玩笑。",

@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 import gradio as gr
+import pydantic
 from gradio import utils as gr_utils
 from PIL import Image, UnidentifiedImageError
 
@@ -214,9 +215,33 @@ def upload_only(image: gr.Image) -> gr.Image:
             raise refused
         return payload.path  # never payload.url: gradio would decode inline base64 data from it
 
+    class UploadedImage(image.data_model):  # a bare string such as "/etc/passwd" is no upload
+        model_config = pydantic.ConfigDict(title=image.data_model.__name__)  # the API page is unchanged
+
+        @pydantic.model_validator(mode="before")
+        @classmethod
+        def no_bare_path(cls, value):  # (raising here would reach the caller as pydantic's generic error)
+            return value if isinstance(value, dict) else {}  # a payload naming no file: preprocess refuses it
+
     image.async_move_resource_to_block_cache = move_to_cache
     image.preprocess = preprocess
+    image.data_model = UploadedImage
     return image
+
+
+QUEUE_DEADLINE_S = 120.0
+BUSY = "The server is busy; please try again in a minute"
+
+
+def queue_wait_s() -> float:
+    """How long the running event waited in gradio's queue before starting (0 outside a queued event).
+    Gradio keeps each event's enqueue time but does not hand it to the function (gradio 6.31 internals)."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    event = queue.event_ids_to_events.get(event_id) if queue is not None and event_id else None
+    return time.monotonic() - event.enqueue_time if event is not None else 0.0
 
 
 def guarded(component: gr.components.Component, message: str):
@@ -320,9 +345,11 @@ class MemeStore:
 class Studio:
     """The demo's server side: validation, the GPU-bound call, and adapter listing, over one engine."""
 
-    def __init__(self, engine: Engine, nouns_path: str | Path | None = None):
+    def __init__(self, engine: Engine, nouns_path: str | Path | None = None,
+                 queue_deadline_s: float = QUEUE_DEADLINE_S):
         self.engine = engine
         self.nouns_path = nouns_path
+        self.queue_deadline_s = queue_deadline_s
         self.memes = MemeStore()
         self.arena = None  # set by build_demo: records the shown cards so they can take a vote
         # On ZeroGPU the decorated call runs in a forked worker that receives its arguments pickled:
@@ -362,6 +389,10 @@ class Studio:
              streamer: RowStreamer | None = None) -> tuple:
         """One tab's generation, with every user-caused error turned into a gr.Error. Progress names
         each phase; `streamer` (when given) sees the candidates as they are written."""
+        waited = queue_wait_s()
+        if waited > self.queue_deadline_s:  # its caller may have given up: turn it away clearly instead
+            raise gr.Error(f"{BUSY} (this request waited {waited:.0f} s in the queue without starting).",
+                           print_exception=False)
         try:
             browser = http.headers.get("accept-language") if http is not None else None
             request, mode, adapter = self.build_request(task, *args, browser=browser)
@@ -610,12 +641,13 @@ def api_example(component: gr.components.Component, value) -> gr.components.Comp
 
 
 def build_demo(engine: Engine, *, nouns_path: str | Path | None = None, title: str = "CLoT humor studio",
-               votes: VoteStore | None = None) -> gr.Blocks:
+               votes: VoteStore | None = None, queue_deadline_s: float = QUEUE_DEADLINE_S) -> gr.Blocks:
     """The whole app as gr.Blocks; the caller queues and launches it (see app.py) with css=CSS. Votes go
-    to `votes` (default: the store at CLOT_VOTES_DB)."""
+    to `votes` (default: the store at CLOT_VOTES_DB). A generation that could not start within
+    `queue_deadline_s` of joining the queue is turned away as busy."""
     from clot.arena_ui import Arena  # the arena builds on this module
 
-    studio = Studio(engine, nouns_path)
+    studio = Studio(engine, nouns_path, queue_deadline_s)
     studio.arena = Arena(studio, votes or VoteStore(default_db_path()))
     initial = engine.active_adapter
     gpu_work = dict(concurrency_id="gpu", concurrency_limit=1)  # all model work shares one slot

@@ -248,7 +248,8 @@ def test_cli_publishes_and_refuses_in_one_sentence(engine, tmp_path, capsys):
         assert main(["import", *argv, "--adapters-dir", str(out)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(expected) and err.count("\n") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["cli"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["cli"]
+    assert len(list((out / adapters.VERSIONS).iterdir())) == 1  # the refusals wrote no copy
     assert main(["import", str(source), "--name", "cli", "--adapters-dir", str(out), "--replace"]) == 0
     with pytest.raises(SystemExit) as usage:
         main(["import", str(source)])  # --name is required

@@ -232,7 +232,7 @@ def test_readme_demo_command_serves_offline(tmp_path):
     """`python app.py --tiny` as README shows it: builds the tiny model, serves, answers over HTTP."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLOT_TINY_DIR": str(tmp_path / "tiny")}
-    with open(tmp_path / "app.log", "w") as log:  # never an undrained pipe (STACK.md §4.3)
+    with open(tmp_path / "app.log", "w") as log:  # never an undrained pipe: a full one blocks the app
         server = subprocess.Popen([sys.executable, "app.py", "--tiny", "--port", str(port),
                                    "--adapters-dir", str(tmp_path / "adapters")], cwd=ROOT, env=env,
                                   stdout=log, stderr=subprocess.STDOUT)

@@ -12,7 +12,7 @@ from conftest import make_adapter
 from ui_helpers import EXAMPLES, running_demo
 
 CHROMIUM = os.environ.get("CLOT_CHROMIUM", "/usr/bin/chromium")
-# Headless as root in a container, with the calls that a blocked network would hang on turned off (STACK.md §5).
+# Headless as root in a container, with the calls that a blocked network would hang on turned off.
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

@@ -10,12 +10,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from clot import adapters
 from clot.engine import Engine
@@ -99,7 +100,7 @@ def test_training_killed_mid_checkpoint_resumes_from_the_last_complete_one(tiny_
 def test_training_killed_mid_publish_resumes_and_publishes_a_valid_adapter(tiny_dir, instruction_dir, tmp_path):
     """Killed while the finished run copies its adapter into the adapters folder."""
     folder = tmp_path / "adapters"
-    staging = lambda: [p for p in entries(folder) if ".staging-" in p.name]  # noqa: E731
+    staging = lambda: entries(folder / adapters.VERSIONS)  # noqa: E731 (the first copy being written)
     args = TRAIN[:2] + ["--set", "save_steps=6"]
     with open(tmp_path / "first.log", "w") as log:
         caught = kill_when(run_cli(args, tiny_dir, instruction_dir, tmp_path, stdout=log), staging)
@@ -111,7 +112,8 @@ def test_training_killed_mid_publish_resumes_and_publishes_a_valid_adapter(tiny_
     assert "resuming from" in output
     assert served_adapters(tiny_dir, folder) == ["tiny-stage1"]
     assert adapters.validate(folder / "tiny-stage1")["metrics"]["steps"] == 12
-    assert not [p for p in entries(folder) if p.name.startswith(".")]  # the dead run's staging was swept
+    published = (folder / "tiny-stage1").resolve().parent
+    assert entries(folder / adapters.VERSIONS) == [published]  # the dead run's half copy was swept
 
 
 PUBLISH = """
@@ -134,12 +136,13 @@ def test_publish_killed_while_copying_keeps_the_old_adapter(engine, tmp_path):
 
     served = Engine(engine.model, engine.processor, base_model=engine.base_model, adapters_dir=folder)
     served.use_adapter("joker")
-    half = lambda: [p for p in entries(folder) if ".staging-" in p.name and (p / adapters.WEIGHTS).exists()]  # noqa: E731
+    half = lambda: [v for v in entries(folder / adapters.VERSIONS)  # noqa: E731 (a copy without its card yet)
+                    if (v / "joker" / adapters.WEIGHTS).exists() and not (v / "joker" / adapters.CARD).exists()]
     publisher = subprocess.Popen([sys.executable, "-c", PUBLISH, str(big), str(folder)], cwd=ROOT,
                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
     caught = kill_when(publisher, half, timeout=60)
     assert caught, "the publish finished before it could be killed"
-    assert (caught[0] / adapters.WEIGHTS).stat().st_size < (big / adapters.WEIGHTS).stat().st_size
+    assert (caught[0] / "joker" / adapters.WEIGHTS).stat().st_size < (big / adapters.WEIGHTS).stat().st_size
 
     assert [a.name for a in served.list_adapters()] == ["joker"]
     assert adapters.validate(folder / "joker", engine.fingerprint) == old_card  # untouched
@@ -148,20 +151,77 @@ def test_publish_killed_while_copying_keeps_the_old_adapter(engine, tmp_path):
 
     make_adapter(engine, "joker", seed=2, folder=folder)  # the next publish
     assert not caught[0].exists()
-    assert [p.name for p in entries(folder)] == ["joker"]
+    assert [p.name for p in entries(folder) if not p.name.startswith(".")] == ["joker"]
 
 
-def test_sweep_puts_back_an_adapter_retired_by_a_killed_publish(tmp_path):
-    """Killed between moving the old adapter aside and renaming the new one in: the old one returns."""
+def test_sweep_removes_what_no_reader_can_reach_and_nothing_else(tmp_path):
+    """Swept: a dead publisher's half copy and stray link, a copy replaced longer ago than the grace
+    period. Kept: the published copy, a copy replaced moments ago, a live publisher's half copy."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    (tmp_path / f".joker.retired-{dead}-1").mkdir()
-    (tmp_path / f".joker.retired-{dead}-1" / "clot.json").write_text("{}")
-    (tmp_path / f".joker.staging-{dead}-abc").mkdir()
-    (tmp_path / f".other.staging-{os.getpid()}-abc").mkdir()  # a live publisher's: left alone
+    versions = tmp_path / adapters.VERSIONS
+
+    def copy(stamp: str, pid, complete: bool, age_s: float = 0) -> Path:
+        version = versions / f"{stamp}-{pid}-x"
+        (version / "joker").mkdir(parents=True)
+        if complete:
+            (version / "joker" / adapters.CARD).write_text("{}")
+        os.utime(version, (time.time() - age_s, time.time() - age_s))
+        return version
+
+    published = copy("1", dead, True, age_s=3600)
+    (tmp_path / "joker").symlink_to(Path(adapters.VERSIONS) / published.name / "joker")
+    old = copy("2", dead, True, age_s=adapters.RETIRED_GRACE_S + 5)
+    recent = copy("3", dead, True, age_s=1)
+    crashed = copy("4", dead, False)
+    writing = copy("5", os.getpid(), False)
+    (tmp_path / f".joker.link-6-{dead}-x").symlink_to(crashed / "joker")
     adapters.sweep(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.staging-{os.getpid()}-abc", "joker"]
-    assert (tmp_path / "joker" / "clot.json").exists()
+    assert sorted(versions.iterdir()) == [published, recent, writing]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [adapters.VERSIONS, "joker"]
+
+
+def test_republishing_never_hides_an_adapter_or_shows_half_of_one(engine, tiny_dir, tmp_path):
+    """One thread republishes an adapter 40 times while one reader lists and reads it and another
+    loads it into an engine: every look finds it, complete, with weights and card from one publish."""
+    folder = tmp_path / "adapters"
+    sources = []
+    for version in range(2):  # two different adapters published in turn, told apart by their weights
+        source = make_adapter(engine, f"v{version}", seed=version, folder=tmp_path / "made")
+        sources.append((source, adapters.read_card(source)))
+    adapters.publish(sources[0][0], folder, "joker", {**sources[0][1], "version": 0})
+    fingerprints = [load_file(str(s / adapters.WEIGHTS)) for s, _ in sources]
+    done, problems, looks = threading.Event(), [], [0]
+
+    def republish():
+        for i in range(1, 41):
+            source, card = sources[i % 2]
+            adapters.publish(source, folder, "joker", {**card, "version": i % 2})
+        done.set()
+
+    served = Engine.load(str(tiny_dir), adapters_dir=folder, device="cpu")  # its own model: loading changes it
+
+    def read(load: bool):
+        while not done.is_set():
+            try:
+                found = [a for a in adapters.discover(folder) if a.name == "joker"]
+                assert found, "the adapter was missing"
+                card = adapters.validate(found[0].path, engine.fingerprint)
+                weights = load_file(str(found[0].path / adapters.WEIGHTS))
+                assert all(torch.equal(weights[k], fingerprints[card["version"]][k]) for k in weights), "mixed copy"
+                if load:
+                    served.use_adapter("joker")
+                looks[0] += 1
+            except Exception as err:  # collected: an assertion in a thread would go unseen
+                problems.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=read, args=(load,)) for load in (False, True)]
+    threads.append(threading.Thread(target=republish))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == [] and looks[0] > 0
 
 
 def test_adapters_load_only_from_the_folder_and_only_safetensors(engine, tmp_path):

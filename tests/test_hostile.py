@@ -205,6 +205,14 @@ def test_server_paths_named_as_the_image_are_refused(app, payload):
     still_serving(client)
 
 
+@pytest.mark.parametrize("path", ["/etc/passwd", "/tmp/x.png"])
+def test_bare_server_paths_sent_as_the_image_get_the_clear_refusal(app, path):
+    _, url, client = app
+    kind, error = raw(url, "image_to_text", call(path))
+    assert kind == "error" and error.startswith("Image: only files uploaded to this app are read"), error
+    still_serving(client)
+
+
 def test_inline_base64_data_is_ignored_for_the_uploaded_file(app, files):
     _, url, client = app
     inline = "data:image/png;base64," + base64.b64encode(files["bomb.png"].read_bytes()).decode()

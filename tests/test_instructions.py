@@ -158,6 +158,33 @@ def test_literal_writer_asks_the_model_once_and_caches_on_disk(engine, tmp_path)
     assert prompts.one_line(writer.rewrite(chosen[0].answers[0])) in options
 
 
+def test_literal_writer_fills_each_generate_call_up_to_the_memory_budget(engine, tmp_path):
+    """Rows with a picture and text-only rows go in separate calls, each as many as the KV-cache budget holds:
+    tiny: 512 bytes per position; an image row 1024 + 256 + 4 positions, a text row 256 + 4."""
+    dataset = data.load(data.SAMPLE_DIR, languages=["en"])
+    chosen = [p for p in dataset.prompts() if p.task is Task.I2T][:3] + \
+             [p for p in dataset.prompts() if p.task is Task.T2T][:4]
+    budget_gb = 2.5 * 512 * (1024 + 256 + 4) / 2**30  # two and a half image rows
+
+    class Recording:
+        model = engine.model
+        calls: list[list[bool]] = []  # per generate call: whether each row has a picture
+
+        def sample(self, turns, sampling):
+            self.calls.append([turn.image is not None for turn in turns])
+            return engine.sample(turns, sampling)
+
+    spy = Recording()
+    writer = ins.LiteralWriter(spy, "tiny", dataset.images, tmp_path / "cache.json", max_new_tokens=4,
+                               memory_budget_gb=budget_gb)
+    assert (writer.rows_per_call(True), writer.rows_per_call(False)) == (2, int(2.5 * 1284 / 260))
+    writer.prepare(chosen)
+    rewrites = sum(len(p.answers) for p in chosen)
+    assert spy.calls == [[True, True], [True]] + [[False] * 12] * (rewrites // 12) + [[False] * (rewrites % 12)]
+    assert all(writer.description(p) for p in chosen[:3]) and all(writer.rewrite(a) for p in chosen for a in p.answers)
+    assert len(json.loads((tmp_path / "cache.json").read_text(encoding="utf-8"))) == 3 + rewrites
+
+
 def test_building_again_gives_the_same_records(built, tmp_path):
     settings, manifest, _ = built
     again = ins.InstructionSettings(run_dir=str(tmp_path), split=str(settings.split_path), literal_model="none",

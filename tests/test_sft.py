@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,8 @@ def test_short_training_lowers_heldout_loss_and_publishes_a_loadable_adapter(tin
     saved = adapters.validate(published)
     assert saved["data_hash"] == manifest["data_hash"] and saved["split_hash"] == manifest["split_hash"]
     assert saved["stage"] == 1 and saved["settings"]["lora_r"] == 16
-    assert not [p for p in Path(settings.adapters_dir).iterdir() if p.name.startswith(".")]  # no staging left
+    assert sorted(p.name for p in Path(settings.adapters_dir).iterdir()) == [adapters.VERSIONS, "tiny-test"]
+    assert len(list((Path(settings.adapters_dir) / adapters.VERSIONS).iterdir())) == 1  # one copy, no staging left
     rows = sft.read_csv(tmp_path / "loss.csv")
     assert [int(r["step"]) for r in rows if r["loss"]] == [1, 4, 8, 12]
     assert any((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
@@ -142,3 +144,19 @@ def test_killed_run_resumes_to_the_same_step_count(tiny_dir, instruction_dir, tm
     served = Engine.load(str(tiny_dir), adapters_dir=tmp_path / "adapters", device="cpu")
     served.use_adapter("tiny-stage1")
     assert served.active_adapter == "tiny-stage1"
+
+
+def test_resume_never_clears_earlier_checkpoints_and_uses_current_argument_names(tiny_dir, instruction_dir, tmp_path):
+    stale = tmp_path / "checkpoints" / "checkpoint-30"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text(json.dumps({"global_step": 30}))
+    (tmp_path / "loss.csv").write_text("step,epoch,loss\n30,9.0,1.0\n")
+    settings = settings_for(tiny_dir, instruction_dir, tmp_path, resume="never", max_steps=2, save_steps=2,
+                            logging_steps=1, eval_samples=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sft.train(settings)["metrics"]["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2", "recipe.json"]
+    assert [int(r["step"]) for r in sft.read_csv(tmp_path / "loss.csv") if r["loss"]] == [1, 2]
+    # TrainingArguments' warning about our arguments (peft's own `is_gradient_checkpointing` one is not ours)
+    assert not [str(w.message) for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]

@@ -23,13 +23,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_demo(tiny_dir: Path, adapters_dir: Path):
-    """The app on the tiny model, its own engine and adapters folder, served on a free local port."""
+def running_demo(tiny_dir: Path, adapters_dir: Path, **demo_options):
+    """The app on the tiny model, its own engine and adapters folder, served on a free local port
+    (`demo_options` go to build_demo)."""
     from clot.engine import Engine
     from clot.ui import CSS, MAX_FILE_SIZE, build_demo
 
     engine = Engine.load(str(tiny_dir), adapters_dir=adapters_dir, device="cpu")
-    demo = build_demo(engine)
+    demo = build_demo(engine, **demo_options)
     demo.queue(default_concurrency_limit=1, max_size=16)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
                             quiet=True, max_file_size=MAX_FILE_SIZE, css=CSS)

@@ -132,3 +132,16 @@ def distributed():
 
     state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, state.wait_for_everyone
+
+
+PROMPT_TEXT_TOKENS = 256  # system turn, instruction, question and condition of a generation row: generous
+
+
+def rows_within_budget(config, dtype_bytes: int, budget_gb: float, positions_per_row: int) -> int:
+    """How many generation rows of at most `positions_per_row` positions one generate call may run so
+    that their KV cache stays within `budget_gb` (at least one). `config` is the model's config."""
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads  # Qwen-VL: no GQA
+    per_position = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes  # keys + values
+    return max(1, int(budget_gb * 2**30 // (per_position * positions_per_row)))

@@ -1,4 +1,4 @@
-"""Evaluation of METHOD.md §6: choice (2T1, 3T1, 4T1, 5T2) and ranking questions, a report, a creativity probe.
+"""The paper's evaluation: choice (2T1, 3T1, 4T1, 5T2) and ranking questions, a report, a creativity probe.
 
     python training/evaluate.py --config training/configs/tiny.yaml --models base,tiny-stage1
 
@@ -68,7 +68,8 @@ class EvalSettings(DatasetSettings):
     max_per_cell: int = 0  # at most this many prompts per language × task × kind (0: all)
     literal_model: str = "base"  # writes literal distractors: "base", "none", or a hub id / path
     literal_cache: str = ""  # default <run_dir>/literal-cache.json (shared with instruction building)
-    literal_batch_size: int = 8
+    literal_batch_size: int = 8  # rows per generate call when literal_memory_budget_gb is 0
+    literal_memory_budget_gb: float = 1.0  # KV-cache budget of one generate call (as in instruction building)
     literal_max_new_tokens: int = 48
     questions: str = ""  # question set file; default <out>/questions.json
     out: str = ""  # default <run_dir>/eval
@@ -230,7 +231,7 @@ def question_set(settings: EvalSettings, get_engine) -> tuple[dict, Path, oogiri
         engine = get_engine() if settings.literal_model == "base" else _load_engine(settings, literal_id)
         cache = settings.literal_cache or Path(settings.run_dir) / "literal-cache.json"
         writer = LiteralWriter(engine, literal_id, dataset.images, cache, settings.literal_batch_size,
-                               settings.literal_max_new_tokens)
+                               settings.literal_max_new_tokens, settings.literal_memory_budget_gb)
         writer.prepare(test, plain_answers=True)
     questions = build_questions(test, writer, settings.seed, settings.max_per_cell)
     if not questions:

@@ -1,4 +1,4 @@
-"""Stage 2 — explorative self-refinement (METHOD.md §4).
+"""Stage 2 — explorative self-refinement (the paper's second stage).
 
 For each training prompt: draw n weak conditions (empty with probability ρ, else a uniform noun of
 the noun set S), generate one answer per condition with the current adapter, let the same model
@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tqdm import tqdm  # noqa: E402
 
 from training import instructions as instruction_set  # noqa: E402
-from training.config import distributed, load_config, recipe_parser, resolve_base_model  # noqa: E402
+from training.config import (PROMPT_TEXT_TOKENS, distributed, load_config, recipe_parser,  # noqa: E402
+                             resolve_base_model, rows_within_budget)
 
 from clot import adapters, prompts  # noqa: E402
 from clot import data as oogiri  # noqa: E402
@@ -42,7 +43,6 @@ from clot.tasks import ClotError, Language, Request, Sampling, Task  # noqa: E40
 
 log = logging.getLogger(__name__)
 FORMATS = ("conditioned", "plain")
-PROMPT_TEXT_TOKENS = 256  # system turn, instruction, question and condition of a generation row: generous
 
 
 @dataclass
@@ -89,13 +89,10 @@ class ExploreSettings:
         selection questions."""
         if not self.memory_budget_gb:
             return self.prompts_per_batch
-        text = config.get_text_config()
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads  # Qwen-VL: no GQA
-        per_position = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes  # keys + values
         prompt = self.max_image_tokens + PROMPT_TEXT_TOKENS
-        positions = self.num_conditions * (prompt + self.max_new_tokens) + prompt
-        return max(1, int(self.memory_budget_gb * 2**30 // (per_position * positions)))
+        # Each prompt's rows, plus the copy of its shared prefix that the engine's prefix store keeps.
+        return rows_within_budget(config, dtype_bytes, self.memory_budget_gb,
+                                  self.num_conditions * (prompt + self.max_new_tokens) + prompt)
 
     def sampling(self, seed: int) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

@@ -1,4 +1,4 @@
-"""Oogiri-GO samples → stage-1 instruction records: the five kinds of METHOD.md §3.
+"""Oogiri-GO samples → stage-1 instruction records: the paper's five kinds.
 
     python training/instructions.py --config training/configs/tiny.yaml [--set num_options=5]
 
@@ -30,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm  # noqa: E402
 
-from training.config import load_config, recipe_parser, resolve_base_model  # noqa: E402
+from training.config import (PROMPT_TEXT_TOKENS, load_config, recipe_parser,  # noqa: E402
+                             resolve_base_model, rows_within_budget)
 
 from clot import data as oogiri  # noqa: E402
 from clot import prompts  # noqa: E402
@@ -68,11 +69,12 @@ class InstructionSettings(DatasetSettings):
     # (ranking); a fraction is the chance of one more. The paper does not state its mixture.
     mixture: dict = field(default_factory=lambda: {"generation": 1.0, "conditioned": 1.0, "masked": 0.5,
                                                    "selection": 1.0, "ranking": 1.0})
-    rho_c: float = 0.5  # chance that a conditioned instruction has no condition (METHOD.md §3)
+    rho_c: float = 0.5  # chance that a conditioned instruction has no condition (the paper's rho_c)
     num_options: int = 4  # selection options: the human answer + distractors (4T1 as in the paper)
     literal_model: str = "base"  # model for literal distractors: "base", "none", or a hub id / path
     literal_cache: str = ""  # default <run_dir>/literal-cache.json
-    literal_batch_size: int = 8
+    literal_batch_size: int = 8  # rows per generate call when literal_memory_budget_gb is 0
+    literal_memory_budget_gb: float = 1.0  # KV-cache budget of one generate call: it decides the rows per call
     literal_max_new_tokens: int = 48
     device: str = "auto"
 
@@ -101,16 +103,20 @@ class LiteralWriter:
     """Literal (unfunny) image descriptions and answer rewrites from a model, cached on disk.
 
     The cache is a JSON file keyed by a hash of (model id, kind, language, content), so a second
-    build, or a build for another split, asks the model only about what is new."""
+    build, or a build for another split, asks the model only about what is new. Like exploration,
+    it puts as many rows in one generate call as `memory_budget_gb` of KV cache holds (or
+    `batch_size` rows without a budget); rows with and without a picture go in separate calls, so
+    text rows are not padded to an image row's length."""
 
     def __init__(self, engine, model_id: str, images: oogiri.ImageStore, cache_path: str | Path,
-                 batch_size: int = 8, max_new_tokens: int = 48):
+                 batch_size: int = 8, max_new_tokens: int = 48, memory_budget_gb: float = 0.0):
         self.engine = engine
         self.model_id = model_id
         self.images = images
         self.cache_path = Path(cache_path)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.memory_budget_gb = memory_budget_gb
         self.cache: dict[str, str] = {}
         self._image_keys: dict[tuple[str, Language], str] = {}
         if self.cache_path.is_file():
@@ -122,6 +128,17 @@ class LiteralWriter:
             content = hashlib.sha256(self.images.read_bytes(image_id)).hexdigest()
             self._image_keys[image_id, lang] = _hash(self.model_id, "describe", lang.value, content)
         return self._image_keys[image_id, lang]
+
+    def rows_per_call(self, with_image: bool) -> int:
+        """Rows of one generate call: what the KV-cache budget holds (a row with a picture holds its
+        visual tokens too), or `batch_size` without a budget."""
+        from clot.engine import DEFAULT_MAX_IMAGE_TOKENS
+
+        if not self.memory_budget_gb:
+            return self.batch_size
+        row = PROMPT_TEXT_TOKENS + self.max_new_tokens + (DEFAULT_MAX_IMAGE_TOKENS if with_image else 0)
+        model = self.engine.model
+        return rows_within_budget(model.config, model.dtype.itemsize, self.memory_budget_gb, row)
 
     def _rewrite_key(self, answer: oogiri.Sample) -> str:
         return _hash(self.model_id, "rewrite", answer.lang.value, answer.question or "", answer.text)
@@ -149,13 +166,15 @@ class LiteralWriter:
                 key = self._rewrite_key(answer)
                 if key not in self.cache:
                     jobs[key] = (p.lang, prompts.literal_rewrite_prompt(p.lang, answer.text, p.question or ""), None)
-        keys = sorted(jobs, key=lambda k: jobs[k][2] is None)  # image rows batch together
+        batches = []
+        for with_image in (True, False):
+            group = [k for k in jobs if (jobs[k][2] is not None) == with_image]
+            size = self.rows_per_call(with_image)
+            batches += [group[at:at + size] for at in range(0, len(group), size)]
         # Mild, seeded sampling: literal yet reproducible (greedy decoding tends to loop or stop at once).
         sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=self.max_new_tokens, seed=0)
         saved = time.monotonic()
-        for start in tqdm(range(0, len(keys), self.batch_size), desc="literal texts", unit="batch",
-                          disable=not keys):
-            batch = keys[start:start + self.batch_size]
+        for batch in tqdm(batches, desc="literal texts", unit="batch", disable=not batches):
             turns = [Turn(text, lang, prepare_image(self.images.open(image)) if image else None, persona=False)
                      for lang, text, image in (jobs[k] for k in batch)]  # pictures decoded per batch only
             texts = self.engine.sample(turns, sampling)
@@ -163,9 +182,9 @@ class LiteralWriter:
             if time.monotonic() - saved > 60:  # an interrupted build keeps most of its work
                 self.save()
                 saved = time.monotonic()
-        if keys:
+        if jobs:
             self.save()
-        log.info("literal writer: %d new texts from %s", len(keys), self.model_id)
+        log.info("literal writer: %d new texts from %s in %d generate calls", len(jobs), self.model_id, len(batches))
 
     def save(self) -> None:
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +366,7 @@ def build(settings: InstructionSettings, engine=None) -> dict:
             engine = Engine.load(resolve_base_model(model_id), device=settings.device)
         cache = settings.literal_cache or Path(settings.run_dir) / "literal-cache.json"
         writer = LiteralWriter(engine, model_id, dataset.images, cache, settings.literal_batch_size,
-                               settings.literal_max_new_tokens)
+                               settings.literal_max_new_tokens, settings.literal_memory_budget_gb)
 
     out = settings.out_dir
     out.mkdir(parents=True, exist_ok=True)

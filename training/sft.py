@@ -57,7 +57,7 @@ class TrainSettings:
     adapters_dir: str = "adapters"
     stage: int = 1
     round: int = 0
-    # LoRA and optimiser: METHOD.md §3 (the paper's Qwen-VL settings).
+    # LoRA and optimiser: the paper's Qwen-VL settings.
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -80,7 +80,7 @@ class TrainSettings:
     max_length: int = 2048  # longer examples lose the end of their answer
     max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS  # visual tokens per image; the engine uses the same cap
     precision: str = "auto"  # auto (bf16 on a bf16 GPU, fp16 on another GPU, fp32 on CPU), bf16, fp16, fp32
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     dataloader_num_workers: int = 0
     device: str = "auto"  # auto or cpu
     resume: str = "auto"  # auto: from the last complete checkpoint; never; or a checkpoint folder
@@ -258,11 +258,20 @@ def resume_point(settings: TrainSettings, recipe: dict | None = None) -> Path | 
         if same and (settings.max_steps <= 0 or step <= settings.max_steps):
             return checkpoint
         print(f"not resuming {checkpoint}: it was made with other settings; starting over", flush=True)
-        shutil.rmtree(folder)
-        (Path(settings.run_dir) / "loss.csv").unlink(missing_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    adapters.write_json_atomic(recipe_file, recipe)
+        start_over(settings, recipe)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        adapters.write_json_atomic(recipe_file, recipe)
     return None
+
+
+def start_over(settings: TrainSettings, recipe: dict | None = None) -> None:
+    """Clear the checkpoints and the loss log of earlier runs (a later `resume: auto` would pick up
+    their stale steps), and record this run's recipe (`recipe`, or the one read from the settings)."""
+    shutil.rmtree(settings.checkpoints_dir, ignore_errors=True)
+    (Path(settings.run_dir) / "loss.csv").unlink(missing_ok=True)
+    settings.checkpoints_dir.mkdir(parents=True)
+    adapters.write_json_atomic(settings.checkpoints_dir / "recipe.json", recipe or _recipe(settings))
 
 
 def read_csv(path: str | Path) -> list[dict]:
@@ -329,8 +338,8 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
         save_strategy="steps", save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
         eval_strategy="no", report_to=["tensorboard"], label_names=["labels"],
         remove_unused_columns=False, dataloader_num_workers=settings.dataloader_num_workers,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA)
+        activation_checkpointing=settings.activation_checkpointing,  # (transformers 5 name; gradient_* warns)
+        activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA)
         **precision_flags,
     )
     with args.main_process_first(desc="preparing the base model and instructions"):
@@ -342,6 +351,8 @@ def train(settings: TrainSettings, config_path: str | None = None, overrides: li
             recipe = load_config(instruction_set.InstructionSettings, config_path, "instructions",
                                  _instruction_overrides(overrides or []))
             instruction_set.build(recipe)
+        if settings.resume == "never":
+            start_over(settings)
         checkpoint = resume_point(settings) if settings.resume == "auto" else None
     manifest = instruction_set.read_manifest(folder)
     extra_files = [Path(f.strip()) for f in settings.extra_records.split(",") if f.strip()]
