@@ -92,6 +92,7 @@ class VllmBackend(Engine):
         self._letter_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self.lock = threading.RLock()
         self.compile = False
+        self.fixed_length = False  # benchmarks on random weights: always generate max_new_tokens
         self._check_model()
 
     # ---------------------------------------------------------------- HTTP
@@ -199,7 +200,8 @@ class VllmBackend(Engine):
                 groups.setdefault(key, []).append(row)
             settings = {"model": self._model_name(), "max_tokens": sampling.max_new_tokens,
                         "repetition_penalty": sampling.repetition_penalty, "stop_token_ids": self._stop_ids(),
-                        "skip_special_tokens": True}
+                        "skip_special_tokens": True,
+                        "min_tokens": sampling.max_new_tokens if self.fixed_length else 0}
             if greedy:
                 settings.update(temperature=0.0)
             else:
@@ -275,10 +277,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def serve(base_model: str, *, log_path: str | Path, max_model_len: int = 4096, max_lora_rank: int = 64,
-          startup_timeout: float = 900.0, extra_args: list[str] | None = None):
+          memory_fraction: float | None = None, dtype: str = "auto", startup_timeout: float = 900.0, extra_args: list[str] | None = None):
     """Run a local vLLM server for `base_model` from the vLLM environment; yields its URL and stops it
     on exit. Prefix caching and runtime LoRA loading are on; `vllm serve` is not used because its
-    entry point fails under the CPU build's package name."""
+    entry point fails under the CPU build's package name. `memory_fraction` (default
+    $CLOT_VLLM_MEMORY_FRACTION or 0.9) is the share of GPU memory, or on the CPU build of RAM, it takes;
+    `dtype` float32 gives the engine's CPU numbers exactly (the CPU build otherwise runs bfloat16)."""
+    if memory_fraction is None:
+        memory_fraction = float(os.environ.get("CLOT_VLLM_MEMORY_FRACTION", 0.9))
     python = vllm_python()
     if not python.exists():
         raise ClotError(f"No vLLM environment at {python.parent.parent}: run scripts/setup_vllm.sh "
@@ -287,6 +293,7 @@ def serve(base_model: str, *, log_path: str | Path, max_model_len: int = 4096, m
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", base_model,
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                "--enable-prefix-caching", "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+               "--gpu-memory-utilization", str(memory_fraction), "--dtype", dtype,
                "--logprobs-mode", "processed_logprobs", "--max-logprobs", "26", *(extra_args or [])]
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     log_path = Path(log_path)

@@ -40,7 +40,8 @@ def local(model_dir, adapters_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    with serve(str(model_dir), log_path=tmp_path_factory.mktemp("vllm-log") / "server.log") as url:
+    with serve(str(model_dir), log_path=tmp_path_factory.mktemp("vllm-log") / "server.log", memory_fraction=0.1,
+               dtype="float32") as url:
         yield url
 
 
