@@ -63,9 +63,12 @@ def test_greedy_answers_equal_the_engines_for_text_image_and_an_adapter_publishe
         local, remote, adapters_dir):
     assert remote.sample(turns(), GREEDY, greedy=True) == local.sample(turns(), GREEDY, greedy=True)
     make_adapter(local, "late-comer", seed=3, folder=adapters_dir)  # published after the server started
-    with_adapter = remote.sample(turns(), GREEDY, adapter="late-comer", greedy=True)
-    assert with_adapter == local.sample(turns(), GREEDY, adapter="late-comer", greedy=True)
-    assert with_adapter != remote.sample(turns(), GREEDY, adapter="base", greedy=True)
+    # Random weights give near-ties: with 12 tokens the image row's LoRA answers part at the 9th,
+    # where the two backends' float32 sums round differently; 8 tokens are exact.
+    short = Sampling(max_new_tokens=8)
+    with_adapter = remote.sample(turns(), short, adapter="late-comer", greedy=True)
+    assert with_adapter == local.sample(turns(), short, adapter="late-comer", greedy=True)
+    assert with_adapter != remote.sample(turns(), short, adapter="base", greedy=True)
 
 
 def test_nine_samples_are_distinct_and_a_seed_repeats_them(remote):
@@ -90,18 +93,19 @@ def prefix_cache_hits(url: str) -> float:
 
 
 def test_a_repeated_image_prompt_hits_the_prefix_cache(remote, server):
-    image = picture(3)
-    remote.sample([Turn("Describe it.", Language.EN, image)], GREEDY, greedy=True)
+    # long enough to fill whole cache blocks, the unit vLLM caches
+    turn = Turn("Describe this picture of a cat who is late for the train. " * 30, Language.EN, picture(3))
+    remote.sample([turn], GREEDY, greedy=True)
     before = prefix_cache_hits(server)
-    remote.sample([Turn("Describe it in other words.", Language.EN, image)], GREEDY, greedy=True)
-    assert prefix_cache_hits(server) - before >= 16  # at least the system turn and the image's tokens
+    remote.sample([turn], GREEDY, greedy=True)
+    assert prefix_cache_hits(server) - before >= 256
 
 
 def test_unknown_adapter_and_model_mismatch_are_one_sentence(remote, server):
     with pytest.raises(ClotError, match="Unknown adapter 'missing'"):
         remote.sample(turns()[:1], GREEDY, adapter="missing")
     with pytest.raises(ClotError, match="not someone/else"):
-        VllmBackend(server, "someone/else")
+        VllmBackend(server, remote.base_model, served_model="someone/else")
 
 
 def test_exploration_on_vllm_writes_the_engines_record_schema(model_dir, local, remote, adapters_dir, tmp_path):
