@@ -35,6 +35,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -224,8 +225,6 @@ class VllmBackend(Engine):
 
     def score(self, choices, adapter: str | None = None) -> list[list[float]]:
         """Each option's probability of being named first: one token restricted to the option letters."""
-        import math
-
         with self.using(adapter):
             choices = [self._worded(c) for c in choices]
             jobs, letters = [], []
@@ -277,7 +276,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def serve(base_model: str, *, log_path: str | Path, max_model_len: int = 4096, max_lora_rank: int = 64,
-          memory_fraction: float | None = None, dtype: str = "auto", startup_timeout: float = 900.0, extra_args: list[str] | None = None):
+          memory_fraction: float | None = None, dtype: str = "auto", startup_timeout: float = 900.0):
     """Run a local vLLM server for `base_model` from the vLLM environment; yields its URL and stops it
     on exit. Prefix caching and runtime LoRA loading are on; `vllm serve` is not used because its
     entry point fails under the CPU build's package name. `memory_fraction` (default
@@ -294,7 +293,7 @@ def serve(base_model: str, *, log_path: str | Path, max_model_len: int = 4096, m
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                "--enable-prefix-caching", "--enable-lora", "--max-lora-rank", str(max_lora_rank),
                "--gpu-memory-utilization", str(memory_fraction), "--dtype", dtype,
-               "--logprobs-mode", "processed_logprobs", "--max-logprobs", "26", *(extra_args or [])]
+               "--logprobs-mode", "processed_logprobs", "--max-logprobs", "26"]
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
