@@ -149,6 +149,11 @@ SIZES = {
                            num_key_value_heads=2, mrope_section=[2, 3, 3]),
                  vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2),
                  max_image_tokens=16),
+    # vLLM's CPU attention needs head_dim >= 32: "tiny" with two 32-wide heads (tests/test_vllm.py).
+    "tiny-vllm": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, mrope_section=[4, 6, 6]),
+                      vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2),
+                      max_image_tokens=16),
     "small": dict(text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             num_key_value_heads=4, mrope_section=[8, 12, 12]),
                   vision=dict(depth=4, hidden_size=384, intermediate_size=1536, num_heads=6),

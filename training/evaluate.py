@@ -19,6 +19,7 @@ Question record: {"id", "kind", "task", "lang", "prompt_id", "image", "question"
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -82,6 +83,9 @@ class EvalSettings(DatasetSettings):
     creativity_words: int = 10
     creativity_max_new_tokens: int = 96
     device: str = "auto"
+    backend: str = "engine"  # who answers and writes literal texts: "engine" or "vllm" (clot/vllm_backend.py)
+    vllm_url: str = ""  # empty with backend vllm: a local server for the duration of the evaluation
+    vllm_model: str = ""
 
     @property
     def out_dir(self) -> Path:
@@ -529,6 +533,12 @@ def evaluate(settings: EvalSettings, models: list[str], engine=None, force: bool
     `models` are "base" and adapter names; `engine` may be an already loaded base model; `scorers`
     replaces the engine for the named models (tests plug an oracle or a random scorer here).
     Returns the report (also written as <out>/report.json)."""
+    with contextlib.ExitStack() as backends:  # a local vLLM server lives as long as the evaluation
+        return _evaluate(settings, models, engine, force, scorers, backends)
+
+
+def _evaluate(settings: EvalSettings, models: list[str], engine, force: bool, scorers: dict[str, Scorer] | None,
+              backends: contextlib.ExitStack) -> dict:
     settings.validate()
     if not models:
         raise ClotError("Name at least one model to evaluate (base, or an adapter name).")
@@ -543,7 +553,12 @@ def evaluate(settings: EvalSettings, models: list[str], engine=None, force: bool
 
     def get_engine():
         if loaded["engine"] is None:
-            loaded["engine"] = _load_engine(settings, settings.base_model)
+            from clot.vllm_backend import open_backend
+
+            loaded["engine"] = backends.enter_context(open_backend(
+                settings.backend, resolve_base_model(settings.base_model), adapters_dir=settings.adapters_dir,
+                vllm_url=settings.vllm_url, vllm_model=settings.vllm_model, log_dir=settings.out_dir,
+                device=settings.device))
         return loaded["engine"]
 
     saved, path, images = question_set(settings, get_engine)

@@ -16,6 +16,7 @@ launch` / `torchrun` every process explores its own share of the prompts.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -39,6 +40,7 @@ from clot import adapters, prompts  # noqa: E402
 from clot import data as oogiri  # noqa: E402
 from clot.engine import DEFAULT_MAX_IMAGE_TOKENS, Choice  # noqa: E402
 from clot.nouns import draw_conditions, load_nouns  # noqa: E402
+from clot.vllm_backend import BACKENDS, open_backend  # noqa: E402
 from clot.tasks import ClotError, Language, Request, Sampling, Task  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,11 @@ class ExploreSettings:
     device: str = "auto"
     max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS
     compile: bool = False  # static KV cache + torch.compile for decoding (Engine.set_compile)
+    # Who generates: "engine" (in process) or "vllm": the server at vllm_url, or without one a local
+    # server from the vLLM environment that lives as long as the stage (clot/vllm_backend.py).
+    backend: str = "engine"
+    vllm_url: str = ""
+    vllm_model: str = ""  # the name the server gives the base model, when not its path or hub id
 
     @property
     def out_dir(self) -> Path:
@@ -111,6 +118,8 @@ class ExploreSettings:
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats:
             raise ClotError(f"formats must be a non-empty list of {FORMATS}, got {self.formats}.")
+        if self.backend not in BACKENDS:
+            raise ClotError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
         if self.prompts_per_batch < 1:
             raise ClotError("prompts_per_batch must be at least 1.")
         if self.memory_budget_gb < 0:
@@ -300,36 +309,40 @@ def explore(settings: ExploreSettings, engine=None) -> dict:
     done = {r["prompt_id"] for r in finished}
     todo = [p for p in mine if p.id not in done]
     card = {}
-    if todo:
-        if engine is None:
-            from clot.engine import Engine
-
-            engine = Engine.load(resolve_base_model(settings.base_model), adapters_dir=settings.adapters_dir,
-                                 device=settings.device, max_image_tokens=settings.max_image_tokens,
-                                 compile=settings.compile)
-        if settings.adapter:
-            card = adapters.read_card(Path(settings.adapters_dir) / settings.adapter)
-        accepted = sum(1 for r in finished if r.get("accepted"))
-        seen = len(done)
-        bar = tqdm(total=len(mine), initial=len(done), desc=f"explore r{settings.round}", unit="prompt",
-                   disable=rank != 0)
-        per_call = settings.batch_size(engine.model.config, engine.model.dtype.itemsize)
-        if settings.memory_budget_gb:
-            log.info("memory_budget_gb=%s holds %d prompts per generate call", settings.memory_budget_gb, per_call)
-        # Every prompt of a call keeps its prefix for its ranking and selection questions.
-        engine.prefixes.size = max(engine.prefixes.size, per_call)
-        for start in range(0, len(todo), per_call):
-            batch = todo[start:start + per_call]
-            records = explore_batch(engine, batch, dataset.images, nouns, settings, adapter=settings.adapter or None)
-            for record in records:
-                record["adapter_created"] = card.get("created")
-                record["sampling"] = asdict(settings.sampling(record["seed"]))
-            _append(shard, records)
-            seen += len(records)
-            accepted += sum(r["accepted"] for r in records)
-            bar.update(len(records))
-            bar.set_postfix(accepted=f"{accepted / max(seen, 1):.0%}")
-        bar.close()
+    with contextlib.ExitStack() as stack:
+        if todo and engine is None:
+            engine = stack.enter_context(open_backend(
+                settings.backend, resolve_base_model(settings.base_model), adapters_dir=settings.adapters_dir,
+                vllm_url=settings.vllm_url, vllm_model=settings.vllm_model, log_dir=out,
+                max_image_tokens=settings.max_image_tokens, device=settings.device, compile=settings.compile))
+        if todo:
+            if settings.adapter:
+                card = adapters.read_card(Path(settings.adapters_dir) / settings.adapter)
+            accepted = sum(1 for r in finished if r.get("accepted"))
+            seen = len(done)
+            bar = tqdm(total=len(mine), initial=len(done), desc=f"explore r{settings.round}", unit="prompt",
+                       disable=rank != 0)
+            if getattr(engine, "prefixes", None) is None:  # a server: it batches and caches prefixes itself
+                per_call = settings.prompts_per_batch
+            else:
+                per_call = settings.batch_size(engine.model.config, engine.model.dtype.itemsize)
+                # Every prompt of a call keeps its prefix for its ranking and selection questions.
+                engine.prefixes.size = max(engine.prefixes.size, per_call)
+            if settings.memory_budget_gb:
+                log.info("memory_budget_gb=%s holds %d prompts per generate call", settings.memory_budget_gb, per_call)
+            for start in range(0, len(todo), per_call):
+                batch = todo[start:start + per_call]
+                records = explore_batch(engine, batch, dataset.images, nouns, settings,
+                                        adapter=settings.adapter or None)
+                for record in records:
+                    record["adapter_created"] = card.get("created")
+                    record["sampling"] = asdict(settings.sampling(record["seed"]))
+                _append(shard, records)
+                seen += len(records)
+                accepted += sum(r["accepted"] for r in records)
+                bar.update(len(records))
+                bar.set_postfix(accepted=f"{accepted / max(seen, 1):.0%}")
+            bar.close()
     barrier()
     summary_path = out / "summary.json"
     if rank == 0:

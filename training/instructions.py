@@ -13,6 +13,7 @@ built by clot.prompts and `answer` is the exact target text.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -77,6 +78,9 @@ class InstructionSettings(DatasetSettings):
     literal_memory_budget_gb: float = 1.0  # KV-cache budget of one generate call: it decides the rows per call
     literal_max_new_tokens: int = 48
     device: str = "auto"
+    backend: str = "engine"  # who writes the literal texts: "engine" or "vllm" (clot/vllm_backend.py)
+    vllm_url: str = ""  # empty with backend vllm: a local server for the duration of the build
+    vllm_model: str = ""
 
     @property
     def out_dir(self) -> Path:
@@ -357,17 +361,24 @@ def build(settings: InstructionSettings, engine=None) -> dict:
     split = oogiri.load_or_make_split(settings.split_path, all_prompts, settings.test_ratio, settings.seed)
     parts = {name: split.part(all_prompts, name) for name in ("train", "test")}
 
-    writer = None
-    if settings.literal_model != "none":
-        model_id = settings.base_model if settings.literal_model == "base" else settings.literal_model
-        if engine is None:
-            from clot.engine import Engine
+    with contextlib.ExitStack() as backends:
+        writer = None
+        if settings.literal_model != "none":
+            model_id = settings.base_model if settings.literal_model == "base" else settings.literal_model
+            if engine is None:
+                from clot.vllm_backend import open_backend
 
-            engine = Engine.load(resolve_base_model(model_id), device=settings.device)
-        cache = settings.literal_cache or Path(settings.run_dir) / "literal-cache.json"
-        writer = LiteralWriter(engine, model_id, dataset.images, cache, settings.literal_batch_size,
-                               settings.literal_max_new_tokens, settings.literal_memory_budget_gb)
+                engine = backends.enter_context(open_backend(
+                    settings.backend, resolve_base_model(model_id), adapters_dir="adapters", vllm_url=settings.vllm_url,
+                    vllm_model=settings.vllm_model, log_dir=settings.run_dir, device=settings.device))
+            cache = settings.literal_cache or Path(settings.run_dir) / "literal-cache.json"
+            writer = LiteralWriter(engine, model_id, dataset.images, cache, settings.literal_batch_size,
+                                   settings.literal_max_new_tokens, settings.literal_memory_budget_gb)
+        return _write_parts(settings, dataset, split, parts, writer)
 
+
+def _write_parts(settings: InstructionSettings, dataset, split, parts: dict, writer) -> dict:
+    """Write the train and test parts, the noun set and the manifest; returns the manifest."""
     out = settings.out_dir
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"data": str(Path(dataset.folder).resolve()), "data_hash": dataset.data_hash(),
