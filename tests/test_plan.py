@@ -137,7 +137,7 @@ def test_a_qwen_vl_preset_and_a_local_config_folder(tmp_path):
     preset = tmp_path / "qwen-vl-chat.yaml"
     for targets in ("[c_attn, attn.c_proj]", r"'.*\.h\.\d+\.attn\.(c_attn|c_proj)'"):
         preset.write_text(f"base_model: Qwen/Qwen-VL-Chat\ntraining: {{lora_r: 64, target_modules: {targets}, "
-                          "precision: bf16, gradient_checkpointing: true}\nexplore: {memory_budget_gb: 8}\n")
+                          "precision: bf16, activation_checkpointing: true}\nexplore: {memory_budget_gb: 8}\n")
         text = plan.plan(str(preset), gpu_gb=24)
         settings, memory = _rows(text, "stage-1 SFT")
         assert settings[1] == "256"

@@ -436,7 +436,7 @@ def stages_of(pipeline, arch: Architecture) -> list[Stage]:
             raise ClotError(f"target_modules {s.target_modules!r} matches no linear layer of "
                             f"{pipeline.run.base_model}, so LoRA would train nothing.")
         common = dict(image_tokens=image, positions=s.max_length, precision=precision, on_gpu=s.device != "cpu",
-                      lora=lora, checkpointing=s.gradient_checkpointing)
+                      lora=lora, checkpointing=s.activation_checkpointing)
         stages.append(Stage(f"{label} SFT", "train", batch=s.per_device_train_batch_size,
                             accumulation=s.gradient_accumulation_steps, **common))
         if s.eval_samples:
