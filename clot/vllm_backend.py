@@ -191,8 +191,9 @@ class VllmBackend(Engine):
             return list(pool.map(lambda job: self._request(*job), jobs))
 
     def sample(self, turns: list[Turn], sampling: Sampling, adapter: str | None = None,
-               greedy: bool = False) -> list[str]:
-        """Each turn's new text; identical turns share one request with n."""
+               greedy: bool = False, streamer=None) -> list[str]:
+        """Each turn's new text; identical turns share one request with n. `streamer` (the demo's live
+        view) is not fed: the server answers each request whole."""
         sampling.validate()
         with self.using(adapter):
             groups: dict[tuple, list[int]] = {}

@@ -34,8 +34,8 @@ def test_32_clients_every_request_answered_or_told_busy(tiny_dir, tmp_path, arti
     """500 requests over the three tabs and both modes, into a queue of 16 (about a minute on 2 idle
     cores): each is answered or refused with a clear busy error (queue full, or not started within
     the 30 s queue deadline), none errors or goes missing, and the server's memory after the 500th
-    request is within 10% of that after the 100th (by then the worker threads, their allocator
-    arenas and the engine's caches have warmed up; a leak still shows over the 400 requests after). Clients never time out, so a slow machine changes
+    request is within 10% of that after the 200th (by then the worker threads, their allocator
+    arenas and the engine's caches have warmed up; a leak still shows over the 300 requests after). Clients never time out, so a slow machine changes
     the counts, not the verdict."""
     server, url = load_test.start_app(tmp_path, queue_size=16, tiny_dir=tiny_dir, queue_deadline_s=30)
     try:
@@ -49,4 +49,4 @@ def test_32_clients_every_request_answered_or_told_busy(tiny_dir, tmp_path, arti
     assert report["finished"] == report["answered"] + report["busy"] == 500  # nothing lost silently
     assert report["busy"] > 0 and report["answered"] > 0  # served and turned away (the first always starts)
     assert all(report["per_endpoint"].values())  # every tab was served
-    assert report["rss_mb"]["500"] <= 1.10 * report["rss_mb"]["100"], report["rss_mb"]
+    assert report["rss_mb"]["500"] <= 1.10 * report["rss_mb"]["200"], report["rss_mb"]
