@@ -366,9 +366,12 @@ class Engine:
             if self._loaded.get(name) != signature:
                 self._load_adapter(name, path)
                 self._loaded[name] = signature
-            self.model.set_adapter(name)
+            self._select_adapter(name)
             self.active_adapter = name
             self._cards[name] = card
+
+    def _select_adapter(self, name: str) -> None:
+        self.model.set_adapter(name)
 
     def _load_adapter(self, name: str, path: Path) -> None:
         from peft import PeftModel

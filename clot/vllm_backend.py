@@ -88,8 +88,8 @@ class VllmBackend(Engine):
         except OSError:
             self.generation_config = GenerationConfig()
         self.active_adapter = registry.BASE
-        self._cards: dict[str, dict] = {}
         self._loaded: dict[str, str] = {}  # adapter name -> signature of the copy the server holds
+        self._cards: dict[str, dict] = {}  # adapter name -> its card, as last validated
         self._letter_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
         self.lock = threading.RLock()
         self.compile = False
@@ -128,28 +128,15 @@ class VllmBackend(Engine):
                             "start it with that model or set vllm_model.")
 
     # ---------------------------------------------------------------- adapters
-    def use_adapter(self, name: str | None) -> None:
-        """Serve `name` from now on (None / "base": the bare base model), loading it into the server
-        when this client has not loaded this version of it yet."""
-        with self.lock:
-            if name in (None, "", registry.BASE):
-                self.active_adapter = registry.BASE
-                return
-            registry.check_name(name)
-            path = self.adapters_dir / name
-            if not path.is_dir():
-                known = ", ".join(a.name for a in self.list_adapters()) or "none"
-                raise ClotError(f"Unknown adapter {name!r}. Published adapters: {known}.")
-            card = registry.validate(path, self.fingerprint)
-            signature = registry.AdapterInfo(name, path, card).signature
-            if self._loaded.get(name) != signature:
-                served = {m.get("id") for m in self._request("/v1/models").get("data", [])}
-                if name in served:  # an older copy (or one from --lora-modules): replace it
-                    self._request("/v1/unload_lora_adapter", {"lora_name": name})
-                self._request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
-                self._loaded[name] = signature
-            self.active_adapter = name
-            self._cards[name] = card
+    def _load_adapter(self, name: str, path: Path) -> None:
+        """Load this version of `name` into the server (Engine.use_adapter decides when)."""
+        served = {m.get("id") for m in self._request("/v1/models").get("data", [])}
+        if name in served:  # an older copy (or one from --lora-modules): replace it
+            self._request("/v1/unload_lora_adapter", {"lora_name": name})
+        self._request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+
+    def _select_adapter(self, name: str) -> None:
+        pass  # each request names its adapter
 
     @contextlib.contextmanager
     def using(self, adapter: str | None):
