@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from clot.hub import unloadable_now  # stdlib only: the offline sentence comes before seconds of imports
+
+    if not args.tiny and (why := unloadable_now(args.base_model)):
+        print(f"error: {why}", file=sys.stderr)
+        sys.exit(2)
     # Heavy imports after parsing; clot.ui imports `spaces` (when installed) before the engine touches CUDA.
     import gradio as gr
 

@@ -86,7 +86,9 @@ def fetch_source(source: str) -> Path:
 
 def read_base_config(base: str):
     """The base model's config (a local folder's config.json, or the hub's)."""
-    from transformers import AutoConfig  # importing clot registered our own families (model_type qwen)
+    from transformers import AutoConfig
+
+    from clot import models  # noqa: F401  (registers our own families: model_type qwen)
 
     folder = Path(base)
     if folder.is_dir() and not (folder / "config.json").is_file():

@@ -240,11 +240,7 @@ def _load_pretrained(loader, name: str, **kwargs):
         if local:
             raise ClotError(f"Could not load a model from {name}: {str(err).splitlines()[0]}") from None
         if cache_only:
-            raise ClotError(
-                f"Could not load {name!r}: the Hugging Face Hub is "
-                f"{'switched off (HF_HUB_OFFLINE)' if hub.offline_by_choice() else 'unreachable'} and the model is not "
-                "in the local cache. Download it where the hub is reachable and pass its local folder "
-                "(--base-model /path/to/model), or run with --tiny for an offline smoke test.") from None
+            raise ClotError(hub.not_cached_message(name)) from None
         raise ClotError(
             f"Could not load {name!r} from the Hugging Face Hub (it is unreachable or the id is wrong). "
             "Download the model where the hub is reachable and pass its local folder "

@@ -52,3 +52,24 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 def cache_only() -> bool:
     """Whether loads by hub id must use the local cache only: the hub is switched off or unreachable."""
     return offline_by_choice() or not reachable(endpoint())
+
+
+def not_cached_message(name: str) -> str:
+    """The sentence for a hub id that cannot load: the hub is off or unreachable and it is not cached."""
+    why = "switched off (HF_HUB_OFFLINE)" if offline_by_choice() else "unreachable"
+    return (f"Could not load {name!r}: the Hugging Face Hub is {why} and the model is not in the local cache. "
+            "Download it where the hub is reachable and pass its local folder (--base-model /path/to/model), "
+            "or run with --tiny for an offline smoke test.")
+
+
+def unloadable_now(name: str) -> str | None:
+    """Before any heavy import: why the model `name` cannot load now, or None when it may.
+
+    A local folder, a hub reachable and switched on, or a hub id whose config is in the local cache may
+    load (the loader has the final word); otherwise the answer is the one sentence, in about a second."""
+    if os.path.exists(name) or not cache_only():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    return None if isinstance(cached, str) else not_cached_message(name)

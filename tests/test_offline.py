@@ -55,3 +55,16 @@ def test_the_probe_tells_a_listening_endpoint_from_a_refusing_one():
         server.listen()
         assert hub.reachable(f"http://127.0.0.1:{server.getsockname()[1]}")
     assert not hub.reachable(NOTHING_LISTENS)
+
+
+def test_the_offline_sentence_comes_before_the_heavy_imports(tmp_path):
+    """The sentence in about a second whatever the machine: neither torch, transformers nor gradio is
+    imported before it (they are what took 26-59 s on a loaded machine)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_OFFLINE", "HF_ENDPOINT")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    probe = ("import sys, app\n"
+             "try:\n    app.main(['--base-model', 'some-owner/some-model'])\nexcept SystemExit as stop:\n"
+             "    print('exit', stop.code, sorted(m for m in ('torch', 'transformers', 'gradio') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert "error: Could not load 'some-owner/some-model'" in done.stderr
+    assert done.stdout.strip() == "exit 2 []", done.stdout + done.stderr[-2000:]

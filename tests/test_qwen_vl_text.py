@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-import clot  # noqa: F401  (registers Qwen-VL with the Auto classes)
+import clot.models  # noqa: F401  (registers Qwen-VL with the Auto classes)
 from clot.models.qwen_vl.configuration_qwen_vl import IMAGE_END_ID, IMAGE_PAD_ID, IMAGE_START_ID, IMAGE_TOKENS
 from clot.models.qwen_vl.image_processing_qwen_vl import QwenVLImageProcessor
 from clot.models.qwen_vl.processing_qwen_vl import DEFAULT_SYSTEM, QwenVLProcessor, save_processor_files

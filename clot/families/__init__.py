@@ -7,6 +7,7 @@ Qwen2.5-VL is the default base model; Qwen-VL-Chat is the base of the authors' C
 
 from __future__ import annotations
 
+from clot import models  # noqa: F401  (registers Qwen-VL with transformers' Auto classes)
 from clot.families.base import Family, positions_from_mask
 from clot.families.qwen2_5_vl import Qwen25VL
 from clot.families.qwen_vl import QwenVL

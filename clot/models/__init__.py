@@ -1,6 +1,6 @@
 """Model families implemented natively in this project, registered with transformers' Auto classes.
 
-Importing `clot` registers them, so `AutoConfig`, `AutoTokenizer`, `AutoProcessor`,
+Importing `clot.models` (as the engine, training and adapter import do) registers them, so `AutoConfig`, `AutoTokenizer`, `AutoProcessor`,
 `AutoModelForCausalLM` and `AutoModelForImageTextToText` load a Qwen-VL-Chat checkpoint
 (`model_type: qwen`) with `trust_remote_code` left False.
 """
