@@ -2,11 +2,13 @@
 
     python app.py --tiny                                   # offline smoke run on a tiny random model
     python app.py --base-model Qwen/Qwen2.5-VL-3B-Instruct --adapters-dir adapters
+    python app.py --backend vllm --vllm-url http://gpu-box:8000            # the model runs in a vLLM server
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -54,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="decode with a static KV cache and torch.compile: faster steps on a GPU after a "
                              "compilation per new batch shape (tens of seconds); off where unsupported, ZeroGPU "
                              "included (env CLOT_COMPILE=1)")
+    parser.add_argument("--backend", choices=("engine", "vllm"), default=env("CLOT_BACKEND", "engine"),
+                        help="engine: the model runs in this process; vllm: a vLLM server runs it (--vllm-url, or "
+                             "a local one started from scripts/setup_vllm.sh's environment and stopped on exit) "
+                             "(env CLOT_BACKEND; default %(default)s)")
+    parser.add_argument("--vllm-url", default=env("CLOT_VLLM_URL", ""),
+                        help="a running vLLM server serving --base-model, e.g. http://gpu-box:8000 (env CLOT_VLLM_URL)")
+    parser.add_argument("--vllm-model", default=env("CLOT_VLLM_MODEL", ""),
+                        help="the server's name for the base model, if not --base-model itself (env CLOT_VLLM_MODEL)")
     parser.add_argument("--tiny", action="store_true", default=env("CLOT_TINY", "") in ("1", "true", "yes"),
                         help="ignore --base-model and use a tiny random-weight model built offline in seconds: "
                              "a smoke test of the whole app, its answers are gibberish (env CLOT_TINY=1)")
@@ -71,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     import gradio as gr
 
     from clot.ui import CSS, MAX_FILE_SIZE, build_demo
-    from clot.engine import Engine
     from clot.tasks import ClotError
+    from clot.vllm_backend import open_backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base_model = args.base_model
@@ -80,16 +90,18 @@ def main(argv: list[str] | None = None) -> None:
         from clot import tiny
 
         base_model = str(tiny.build())
-    try:
-        engine = Engine.load(base_model, adapters_dir=args.adapters_dir, device=args.device, adapter=args.adapter,
-                             compile=args.compile)
-    except ClotError as err:  # a wrong id, no hub access, a bad adapter: one sentence, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    demo = build_demo(engine, nouns_path=args.nouns, queue_deadline_s=args.queue_deadline)
-    demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
-                css=CSS, max_file_size=MAX_FILE_SIZE)
+    with contextlib.ExitStack() as stack:
+        try:
+            engine = stack.enter_context(open_backend(
+                args.backend, base_model, adapters_dir=args.adapters_dir, vllm_url=args.vllm_url,
+                vllm_model=args.vllm_model, adapter=args.adapter, device=args.device, compile=args.compile))
+        except ClotError as err:  # a wrong id, no hub access, a bad adapter, no vLLM server: one sentence
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        demo = build_demo(engine, nouns_path=args.nouns, queue_deadline_s=args.queue_deadline)
+        demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(),
+                    css=CSS, max_file_size=MAX_FILE_SIZE)  # blocks until stopped; a managed vLLM server stops after
 
 
 if __name__ == "__main__":

@@ -332,8 +332,11 @@ def open_backend(backend: str, base_model: str, *, adapters_dir: str | Path, vll
         return
     with contextlib.ExitStack() as stack:
         url = vllm_url or stack.enter_context(serve(base_model, log_path=Path(log_dir) / "vllm-server.log"))
-        yield VllmBackend(url, base_model, adapters_dir=adapters_dir, served_model=vllm_model or None,
-                          max_image_tokens=max_image_tokens)
+        client = VllmBackend(url, base_model, adapters_dir=adapters_dir, served_model=vllm_model or None,
+                             max_image_tokens=max_image_tokens)
+        if engine_options.get("adapter"):  # the adapter to start with; the other options are the engine's
+            client.use_adapter(engine_options["adapter"])
+        yield client
 
 
 if __name__ == "__main__":  # python -m clot.vllm_backend MODEL: serve it until interrupted (manual checks)

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,6 +20,9 @@ from clot.engine import Choice, Turn
 from clot.tasks import ClotError, Language, Request, Sampling, Task
 from clot.vllm_backend import VllmBackend, open_backend
 from tests.conftest import make_adapter
+from tests.ui_helpers import free_port, tab_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeVllm:
@@ -168,3 +176,41 @@ def test_a_refused_request_names_the_server_and_its_reason(client, fake):
     client.active_adapter = "vanished"  # the server no longer knows it
     with pytest.raises(ClotError, match="refused /v1/completions: The model `vanished` does not exist."):
         client.sample([Turn("q", Language.EN)], Sampling())
+
+
+def test_the_demo_serves_through_a_vllm_server(fake, tiny_dir, tmp_path):
+    """`python app.py --backend vllm --vllm-url URL`: the candidates, ranking and selection are the server's."""
+    from gradio_client import Client
+
+    port = free_port()
+    command = [sys.executable, "app.py", "--base-model", str(tiny_dir), "--backend", "vllm", "--vllm-url", fake.url,
+               "--port", str(port), "--adapters-dir", str(tmp_path / "adapters")]
+    with open(tmp_path / "app.log", "w") as log:
+        server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        while True:  # no deadline of our own: the test's timeout bounds a start that never comes
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert server.poll() is None, (tmp_path / "app.log").read_text()
+                time.sleep(1)
+        result = client.predict(*tab_inputs("Why?", n=2), api_name="/text_to_text")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert result["mode"] == "CLoT" and len(result["candidates"]) == 2
+    assert all(f"{tiny_dir} seed=" in row["text"] for row in result["candidates"])  # written by the fake server
+    assert result["answer"] in [row["text"] for row in result["candidates"]]
+    paths = [path for path, _ in fake.requests]
+    assert "/v1/completions" in paths
+    assert any(body.get("max_tokens") == 1 for _, body in fake.requests)  # ranking and selection scored there
+
+
+def test_the_demo_without_its_vllm_server_ends_in_one_sentence(tiny_dir):
+    done = subprocess.run([sys.executable, "app.py", "--base-model", str(tiny_dir), "--backend", "vllm",
+                           "--vllm-url", "http://127.0.0.1:9"], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error: The vLLM server at http://127.0.0.1:9 cannot be reached" in done.stderr
