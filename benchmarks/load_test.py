@@ -48,7 +48,7 @@ def start_app(folder: Path, queue_size: int, tiny_dir: Path | None = None,
     port = free_port()
     # MALLOC_ARENA_MAX: glibc gives each worker thread its own malloc arena, and the requests' large
     # full-vocabulary buffers (151,936 logits a row) fragment them all; two arenas keep RSS flat, as
-    # for any threaded Python server (README, Reliability).
+    # for any threaded Python server (docs/reliability.md, Load).
     env = dict(os.environ, HF_HUB_OFFLINE="1", CLOT_CPU_THREADS="1", OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
     if tiny_dir is not None:
         env["CLOT_TINY_DIR"] = str(tiny_dir)
