@@ -82,7 +82,7 @@ def main() -> None:
     print("saved", save(f"vllm-{args.size}-{args.device}", {
         "size": args.size, "prompts": len(prompts), "new_tokens": args.new_tokens, "batch": args.batch,
         "dtype": args.dtype, "repeats": args.repeats,
-        "reserved_cpus": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"),
+        "reserved_cpus": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0 (clot's default)"),
         "runs": {name: r.summary() for name, r in runs.items()}}))
 
 
