@@ -97,12 +97,19 @@ class VllmBackend(Engine):
         self._check_model()
 
     # ---------------------------------------------------------------- HTTP
-    def _request(self, path: str, body: dict | None = None) -> dict:
+    def _request(self, path: str, body: dict | None = None, on_text=None) -> dict:
+        """The server's answer to one request. With `on_text`, the completion is streamed (server-sent
+        events) and `on_text(choice index, its text so far)` is called as pieces arrive; the answer is
+        then assembled into the shape of a plain one."""
+        if on_text is not None:
+            body = {**body, "stream": True}
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET",
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                if on_text is not None:
+                    return _read_stream(response, on_text)
                 text = response.read().decode()
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")
@@ -171,16 +178,21 @@ class VllmBackend(Engine):
         return "/v1/chat/completions", {"messages": messages, "add_generation_prompt": not continuing,
                                         "continue_final_message": continuing}
 
-    def _post_all(self, jobs: list[tuple[str, dict]]) -> list[dict]:
+    def _post_all(self, jobs: list[tuple[str, dict]], on_text=None) -> list[dict]:
+        """Every job's answer, in parallel; `on_text(job, choice index, text so far)` streams them."""
+        def post(number: int) -> dict:
+            stream = None if on_text is None else (lambda index, text: on_text(number, index, text))
+            return self._request(*jobs[number], on_text=stream)
+
         if len(jobs) == 1:
-            return [self._request(*jobs[0])]
+            return [post(0)]
         with ThreadPoolExecutor(max_workers=min(self.parallel, len(jobs))) as pool:
-            return list(pool.map(lambda job: self._request(*job), jobs))
+            return list(pool.map(post, range(len(jobs))))
 
     def sample(self, turns: list[Turn], sampling: Sampling, adapter: str | None = None,
                greedy: bool = False, streamer=None) -> list[str]:
-        """Each turn's new text; identical turns share one request with n. `streamer` (the demo's live
-        view) is not fed: the server answers each request whole."""
+        """Each turn's new text; identical turns share one request with n. With a `streamer` (the demo's
+        live view) the answers are streamed and every row's text so far is put on `streamer.updates`."""
         sampling.validate()
         with self.using(adapter):
             groups: dict[tuple, list[int]] = {}
@@ -203,12 +215,18 @@ class VllmBackend(Engine):
                 if not greedy and sampling.seed is not None:
                     body["seed"] = (sampling.seed + index) % 2**63
                 jobs.append((endpoint, body))
-            answers = self._post_all(jobs)
+            live, live_lock, row_lists = [""] * len(turns), threading.Lock(), list(groups.values())
+
+            def show(job: int, index: int, text: str) -> None:
+                with live_lock:
+                    live[row_lists[job][index]] = clean_answer(text)
+                    streamer.updates.put(list(live))
+            answers = self._post_all(jobs, show if streamer is not None else None)
         texts: list[str] = [""] * len(turns)
         for rows, answer in zip(groups.values(), answers):
-            choices = sorted(answer["choices"], key=lambda c: c["index"])
-            for row, choice in zip(rows, choices):
-                texts[row] = clean_answer(choice["text"] if "text" in choice else choice["message"]["content"] or "")
+            for choice in answer["choices"]:  # a streamed choice that wrote nothing is absent
+                text = choice["text"] if "text" in choice else choice["message"]["content"]
+                texts[rows[choice["index"]]] = clean_answer(text or "")
         return texts
 
     def score(self, choices, adapter: str | None = None) -> list[list[float]]:
@@ -238,6 +256,26 @@ class VllmBackend(Engine):
             weights = [math.exp(v - top) for v in values]
             results.append([w / sum(weights) for w in weights])
         return results
+
+
+def _read_stream(response, on_text) -> dict:
+    """A streamed completion (`data: {json}` lines up to `data: [DONE]`) as a plain answer's choices,
+    calling `on_text(index, text so far)` for every piece."""
+    texts: dict[int, str] = {}
+    for line in response:
+        line = line.decode("utf-8", errors="replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            break
+        for choice in json.loads(data).get("choices", []):
+            piece = choice.get("text", (choice.get("delta") or {}).get("content")) or ""
+            index = choice.get("index", 0)
+            texts[index] = texts.get(index, "") + piece
+            if piece:
+                on_text(index, texts[index])
+    return {"choices": [{"index": index, "text": text} for index, text in sorted(texts.items())]}
 
 
 def _first_token_logprobs(choice: dict) -> dict[int, float]:

@@ -65,7 +65,13 @@ def turns() -> list[Turn]:
 
 def test_greedy_answers_equal_the_engines_for_text_image_and_an_adapter_published_during_the_run(
         local, remote, adapters_dir):
-    assert remote.sample(turns(), GREEDY, greedy=True) == local.sample(turns(), GREEDY, greedy=True)
+    from clot.engine import RowStreamer
+
+    answers = remote.sample(turns(), GREEDY, greedy=True)
+    assert answers == local.sample(turns(), GREEDY, greedy=True)
+    streamer = RowStreamer(remote.tokenizer)  # the demo's live view: streamed, the same answers
+    assert remote.sample(turns(), GREEDY, greedy=True, streamer=streamer) == answers
+    assert not streamer.updates.empty()
     make_adapter(local, "late-comer", seed=3, folder=adapters_dir)  # published after the server started
     with_adapter = remote.sample(turns(), GREEDY, adapter="late-comer", greedy=True)
     assert with_adapter == local.sample(turns(), GREEDY, adapter="late-comer", greedy=True)

@@ -57,7 +57,22 @@ class FakeVllm:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, body))
-                self._send(*fake.answer(self.path, body))
+                status, answer = fake.answer(self.path, body)
+                if status != 200 or not body.get("stream"):
+                    return self._send(status, answer)
+                self.send_response(200)  # server-sent events, a word at a time, the choices interleaved
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                chat = self.path == "/v1/chat/completions"
+                texts = [c["message"]["content"] if chat else c["text"] for c in answer["choices"]]
+                pieces = [text.split(" ") for text in texts]
+                for step in range(max(len(words) for words in pieces)):
+                    for index, words in enumerate(pieces):
+                        if step < len(words):
+                            piece = words[step] + (" " if step < len(words) - 1 else "")
+                            choice = {"index": index, **({"delta": {"content": piece}} if chat else {"text": piece})}
+                            self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -114,6 +129,26 @@ def test_text_rows_are_sent_as_the_engines_token_ids_and_identical_rows_share_n(
     assert first["repetition_penalty"] == 1.1 and first["stop_token_ids"] == client._stop_ids()
     # the two identical rows get the request's two samples; control characters are cleaned away
     assert sorted(texts[:2]) == [f"{client.served_model} seed={first['seed']} #{i} <|im_end|>" for i in (0, 1)]
+
+
+def test_a_streamer_sees_every_rows_text_grow_and_the_answers_stay_the_same(client, fake):
+    from clot.engine import RowStreamer
+
+    image = Image.new("RGB", (40, 30), "red")
+    turns = [Turn("a question", Language.EN), Turn("a question", Language.EN), Turn("caption", Language.EN, image)]
+    plain = client.sample(turns, Sampling(seed=3))
+    streamer = RowStreamer(client.tokenizer)
+    streamed = client.sample(turns, Sampling(seed=3), streamer=streamer)
+    assert streamed == plain
+    assert all(body.get("stream") for _, body in fake.requests[-2:])
+    snapshots = []
+    while not streamer.updates.empty():
+        snapshots.append(streamer.updates.get())
+    assert len(snapshots) >= 6 and snapshots[-1] == streamed  # a piece at a time, ending in the answers
+    for row in range(3):  # each row's text only grows
+        texts = [snapshot[row] for snapshot in snapshots]
+        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+        assert texts[0] != texts[-1]
 
 
 def test_image_rows_go_to_chat_with_a_data_url_and_greedy_has_no_seed(client, fake):
