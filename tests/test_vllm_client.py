@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -20,9 +18,7 @@ from clot.engine import Choice, Turn
 from clot.tasks import ClotError, Language, Request, Sampling, Task
 from clot.vllm_backend import VllmBackend, open_backend
 from tests.conftest import make_adapter
-from tests.ui_helpers import free_port, tab_inputs
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.ui_helpers import ROOT, app_process, tab_inputs
 
 
 class FakeVllm:
@@ -215,26 +211,10 @@ def test_a_refused_request_names_the_server_and_its_reason(client, fake):
 
 def test_the_demo_serves_through_a_vllm_server(fake, tiny_dir, tmp_path):
     """`python app.py --backend vllm --vllm-url URL`: the candidates, ranking and selection are the server's."""
-    from gradio_client import Client
-
-    port = free_port()
-    command = [sys.executable, "app.py", "--base-model", str(tiny_dir), "--backend", "vllm", "--vllm-url", fake.url,
-               "--port", str(port), "--adapters-dir", str(tmp_path / "adapters")]
-    with open(tmp_path / "app.log", "w") as log:
-        server = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
-                                  stderr=subprocess.STDOUT)
-    try:
-        while True:  # no deadline of our own: the test's timeout bounds a start that never comes
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                assert server.poll() is None, (tmp_path / "app.log").read_text()
-                time.sleep(1)
+    args = ["--base-model", str(tiny_dir), "--backend", "vllm", "--vllm-url", fake.url,
+            "--adapters-dir", str(tmp_path / "adapters")]
+    with app_process(args, tmp_path / "app.log") as client:
         result = client.predict(*tab_inputs("Why?", n=2), api_name="/text_to_text")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     assert result["mode"] == "CLoT" and len(result["candidates"]) == 2
     assert all(f"{tiny_dir} seed=" in row["text"] for row in result["candidates"])  # written by the fake server
     assert result["answer"] in [row["text"] for row in result["candidates"]]

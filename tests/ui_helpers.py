@@ -1,12 +1,17 @@
-"""Launching the demo in-process for the app and browser tests."""
+"""Launching the demo, in-process or as `python app.py`, for the app and browser tests."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "assets" / "examples"
 
 
 def tab_inputs(*head, language="auto", conditions="", n=3, mode="CLoT", adapter="base", seed=7,
@@ -38,3 +43,34 @@ def running_demo(tiny_dir: Path, adapters_dir: Path, **demo_options):
         yield engine, url
     finally:
         demo.close()
+
+
+@contextlib.contextmanager
+def app_process(args: list[str], log_path: Path, **env):
+    """`python app.py ARGS --port P` in its own process (hub off, `env` added), yielding a gradio Client
+    once it serves. No deadline of its own: however long a busy machine takes, only the app's exit ends
+    the wait (the test's timeout bounds a start that never comes). Output goes to `log_path`: an
+    undrained pipe would block the app."""
+    from gradio_client import Client
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)], cwd=ROOT,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert server.poll() is None, Path(log_path).read_text()[-3000:]
+                time.sleep(1)
+        yield client
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

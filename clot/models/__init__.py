@@ -1,8 +1,9 @@
 """Model families implemented natively in this project, registered with transformers' Auto classes.
 
-Importing `clot.models` (as the engine, training and adapter import do) registers them, so `AutoConfig`, `AutoTokenizer`, `AutoProcessor`,
-`AutoModelForCausalLM` and `AutoModelForImageTextToText` load a Qwen-VL-Chat checkpoint
-(`model_type: qwen`) with `trust_remote_code` left False.
+Importing `clot.models` (as the engine, training and adapter import do) registers them, so
+`AutoConfig`, `AutoTokenizer`, `AutoProcessor`, `AutoModelForCausalLM` and
+`AutoModelForImageTextToText` load a Qwen-VL-Chat checkpoint (`model_type: qwen`) with
+`trust_remote_code` left False.
 """
 
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText,
